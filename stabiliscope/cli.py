@@ -1,0 +1,525 @@
+"""The `stabiliscope` command line: sweeps, reports, dashboards and strategies.
+
+Bad input ends with exit status 2 and one `Error: ...` line that names the
+value and what is accepted. Library errors of type ConfigError are shown the
+same way, without a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from stabiliscope.errors import ConfigError
+from stabiliscope.experiments.summary import render_table, summarize, to_csv, to_json
+from stabiliscope.experiments.sweep import TB_FOLDER, SweepConfig, run_sweep
+from stabiliscope.models import FFN_TYPES, INITS, NORM_TYPES, STRATEGIES
+from stabiliscope.sinks.console import RichSweepReporter
+from stabiliscope.sinks.store import STORE_FILENAME, RunStore
+from stabiliscope.sinks.tensorboard import TensorBoardServer
+from stabiliscope.train import check_device
+
+# Sweep defaults: the default grid of 12 runs takes about 3 minutes on 2 CPU
+# cores (measured in docs/benchmarks.md). Clipping at 1.0 keeps HybridNorm at
+# depth 16 from collapsing at this learning rate.
+DEFAULT_NORMS = "pre,post,hybrid"
+DEFAULT_DEPTHS = "2,4,8,16"
+DEFAULT_SEEDS = "0"
+DEFAULT_WIDTH = 64
+DEFAULT_HEADS = 4
+DEFAULT_STEPS = 150
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_SEQ_LEN = 64
+DEFAULT_LR = 3e-3
+DEFAULT_WARMUP = 15
+DEFAULT_INIT = "megatron"
+DEFAULT_NORM_TYPE = "rms"
+DEFAULT_FFN = "swiglu"
+DEFAULT_OUT = "runs/sweep"
+DEFAULT_DEVICE = "cpu"
+DEFAULT_GRAD_CLIP = 1.0
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 6006
+
+NON_TERMINAL_WIDTH = 160
+"""Console width in characters when stdout is not a terminal and COLUMNS is unset."""
+
+EXIT_INTERRUPTED = 130
+"""Exit status after Ctrl-C, following the shell convention 128 + SIGINT."""
+
+logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# Errors
+
+
+class OneLineUsageError(click.UsageError):
+    """A usage error printed as a single `Error: ...` line, without the usage text."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()), ctx=None)
+
+    def show(self, file: Any = None) -> None:
+        # Click attaches the command's context to usage errors raised inside
+        # it, and UsageError.show would then print the usage text too.
+        click.echo(f"Error: {self.format_message()}", file=file, err=True)
+
+
+@contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except (click.exceptions.NoArgsIsHelpError, OneLineUsageError):
+        raise
+    except click.UsageError as error:
+        # The message is formatted while the context is still attached,
+        # because parameter hints are computed from it.
+        raise OneLineUsageError(error.format_message()) from None
+
+
+class OneLineErrorGroup(click.Group):
+    """Click group whose usage errors, including its subcommands', print one line."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+def config_errors_as_usage(command: F) -> F:
+    """Turn a ConfigError raised by `command` into exit status 2 with its message."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ConfigError as error:
+            raise OneLineUsageError(str(error)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+# Parameter types
+
+
+class IntListType(click.ParamType):
+    """Comma-separated integers of at least `minimum`, each listed once."""
+
+    name = "list"
+
+    def __init__(self, minimum: int, kind: str, example: str) -> None:
+        self.minimum = minimum
+        self.kind = kind
+        self.example = example
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[int]:
+        if isinstance(value, list):
+            return value
+
+        expected = f"(expected a comma list such as {self.example})"
+        numbers: list[int] = []
+        for item in str(value).split(","):
+            item = item.strip()
+            try:
+                number = int(item)
+            except ValueError:
+                number = None
+            if number is None or number < self.minimum:
+                self.fail(f"{item!r} is not {self.kind} {expected}.", param, ctx)
+            if number in numbers:
+                self.fail(f"{item!r} is listed more than once {expected}.", param, ctx)
+            numbers.append(number)
+        return numbers
+
+
+class StrategyListType(click.ParamType):
+    """Comma-separated names of normalization strategies from `STRATEGIES`."""
+
+    name = "list"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[str]:
+        if isinstance(value, list):
+            return value
+
+        known = ", ".join(STRATEGIES)
+        names: list[str] = []
+        for item in str(value).split(","):
+            item = item.strip()
+            if item not in STRATEGIES:
+                self.fail(f"{item!r} is not a known norm strategy (known: {known}).", param, ctx)
+            if item in names:
+                self.fail(f"{item!r} is listed more than once (known: {known}).", param, ctx)
+            names.append(item)
+        return names
+
+
+def _validate_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        check_device(value)
+    except ConfigError as error:
+        raise click.BadParameter(str(error), ctx=ctx, param=param) from None
+    return value
+
+
+# Output helpers
+
+
+def _console(*, stderr: bool = False) -> Console:
+    # Created per command, so that output follows the current sys.stdout
+    # (click's test runner swaps it for each invocation).
+    console = Console(stderr=stderr)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        # Rich assumes 80 columns when the output is a file or a pipe, which
+        # would squeeze the summary table. A file has no width limit.
+        console = Console(stderr=stderr, width=NON_TERMINAL_WIDTH)
+    return console
+
+
+def _configure_logging(verbosity: int) -> None:
+    if verbosity >= 2:
+        level = logging.DEBUG
+    elif verbosity == 1:
+        level = logging.INFO
+    else:
+        level = logging.WARNING
+
+    package_logger = logging.getLogger("stabiliscope")
+    for handler in list(package_logger.handlers):
+        if getattr(handler, "_stabiliscope_cli", False):
+            package_logger.removeHandler(handler)
+
+    handler = RichHandler(console=Console(stderr=True), show_path=False)
+    handler._stabiliscope_cli = True  # type: ignore[attr-defined]
+    package_logger.addHandler(handler)
+    package_logger.setLevel(level)
+
+
+def _open_existing_store(sweep_dir: Path) -> RunStore:
+    store_path = sweep_dir / STORE_FILENAME
+    if not store_path.is_file():
+        raise OneLineUsageError(
+            f"{str(sweep_dir)!r} contains no run store ({STORE_FILENAME}); "
+            "pass a folder written by 'stabiliscope sweep'"
+        )
+    return RunStore(store_path)
+
+
+# Commands
+
+
+@click.group(cls=OneLineErrorGroup, name="stabiliscope")
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="Log progress messages to stderr; repeat (-vv) for debug messages and tracebacks.",
+)
+def main(verbose: int) -> None:
+    """Diagnose training stability across depth for normalization placements."""
+    _configure_logging(verbose)
+
+
+@main.command()
+@click.option(
+    "--norms",
+    type=StrategyListType(),
+    default=DEFAULT_NORMS,
+    show_default=True,
+    help="Comma list of normalization strategies to compare (see 'stabiliscope norms').",
+)
+@click.option(
+    "--depths",
+    type=IntListType(1, "a positive integer", "2,4,8"),
+    default=DEFAULT_DEPTHS,
+    show_default=True,
+    help="Comma list of model depths, in transformer blocks.",
+)
+@click.option(
+    "--width",
+    type=click.IntRange(min=1),
+    default=DEFAULT_WIDTH,
+    show_default=True,
+    help="Model width (d_model), in features per token; must be a multiple of --heads.",
+)
+@click.option(
+    "--heads",
+    type=click.IntRange(min=1),
+    default=DEFAULT_HEADS,
+    show_default=True,
+    help="Number of attention heads per block.",
+)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=DEFAULT_STEPS,
+    show_default=True,
+    help="Training length of each run, in optimizer steps.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=DEFAULT_BATCH_SIZE,
+    show_default=True,
+    help="Batch size, in sequences per optimizer step.",
+)
+@click.option(
+    "--seq-len",
+    type=click.IntRange(min=1),
+    default=DEFAULT_SEQ_LEN,
+    show_default=True,
+    help="Sequence length, in tokens (bytes of text).",
+)
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_LR,
+    show_default=True,
+    help="Peak AdamW learning rate, reached at the end of warmup.",
+)
+@click.option(
+    "--warmup",
+    type=click.IntRange(min=0),
+    default=DEFAULT_WARMUP,
+    show_default=True,
+    help="Linear learning-rate warmup, in optimizer steps.",
+)
+@click.option(
+    "--seeds",
+    type=IntListType(0, "a non-negative integer", "0,1,2"),
+    default=DEFAULT_SEEDS,
+    show_default=True,
+    help="Comma list of random seeds; each point of the grid trains once per seed.",
+)
+@click.option(
+    "--init",
+    type=click.Choice(INITS),
+    default=DEFAULT_INIT,
+    show_default=True,
+    help="Weight initialization scheme.",
+)
+@click.option(
+    "--norm-type",
+    type=click.Choice(NORM_TYPES),
+    default=DEFAULT_NORM_TYPE,
+    show_default=True,
+    help="Norm used by every strategy: RMSNorm (rms) or LayerNorm (layer).",
+)
+@click.option(
+    "--ffn",
+    type=click.Choice(FFN_TYPES),
+    default=DEFAULT_FFN,
+    show_default=True,
+    help="Feed-forward sublayer type.",
+)
+@click.option(
+    "--grad-clip",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_GRAD_CLIP,
+    show_default=True,
+    help="Max global gradient norm (L2 over all parameters) for clipping; 0 turns clipping off.",
+)
+@click.option(
+    "--data",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Text file, folder of text files or nanoGPT .bin token file; "
+    "default: the built-in corpus (CPython's pydoc topics).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_OUT,
+    show_default=True,
+    help="Sweep folder for the run store and TensorBoard logs; "
+    "rerunning into it skips finished runs.",
+)
+@click.option(
+    "--device",
+    default=DEFAULT_DEVICE,
+    show_default=True,
+    callback=_validate_device,
+    help="Torch device to train on: cpu, cuda or cuda:N.",
+)
+@config_errors_as_usage
+def sweep(
+    norms: list[str],
+    depths: list[int],
+    width: int,
+    heads: int,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    lr: float,
+    warmup: int,
+    seeds: list[int],
+    init: str,
+    norm_type: str,
+    ffn: str,
+    grad_clip: float | None,
+    data: Path | None,
+    out: Path,
+    device: str,
+) -> None:
+    """Train every (depth, strategy, seed) run and summarize the depth profiles.
+
+    Runs go in this order: for each depth, for each strategy, for each seed.
+    """
+    config = SweepConfig(
+        norms=norms,
+        depths=depths,
+        width=width,
+        heads=heads,
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        warmup=warmup,
+        seeds=seeds,
+        init=init,
+        data=data,
+        out=out,
+        device=device,
+        norm=norm_type,
+        ffn=ffn,
+        grad_clip=grad_clip or None,
+    )
+    config.validate()
+
+    console = _console()
+    try:
+        with RichSweepReporter(console) as reporter:
+            outcomes = run_sweep(config, reporter)
+    except KeyboardInterrupt:
+        console.print(
+            f"Interrupted. Repeat the command with --out {out} to train the unfinished runs."
+        )
+        sys.exit(EXIT_INTERRUPTED)
+
+    with RunStore.open(out) as store:
+        rows = summarize(store)
+    console.print(render_table(rows))
+
+    console.print(f"Run store: {out / STORE_FILENAME}")
+    console.print(f"TensorBoard logs: {out / TB_FOLDER}")
+    console.print(f"Dashboard: stabiliscope dashboard {out}")
+
+    failed = [outcome.run_id for outcome in outcomes if outcome.status == "failed"]
+    if failed:
+        raise click.ClickException(
+            f"{len(failed)} run(s) failed: {', '.join(failed)}. "
+            "Rerun the same command to retry them; add -vv to see their tracebacks."
+        )
+
+
+@main.command()
+@click.argument("sweep_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+    help="Output format: a rich table, a JSON list with full per-layer profiles, or CSV.",
+)
+@config_errors_as_usage
+def report(sweep_dir: Path, output_format: str) -> None:
+    """Print the summary of the sweep in SWEEP_DIR from its run store."""
+    with _open_existing_store(sweep_dir) as store:
+        rows = summarize(store)
+
+    console = _console()
+    if output_format == "json":
+        console.out(to_json(rows), highlight=False)
+    elif output_format == "csv":
+        console.out(to_csv(rows), highlight=False, end="")
+    elif rows:
+        console.print(render_table(rows))
+    else:
+        console.print(f"No runs recorded in {sweep_dir / STORE_FILENAME} yet.")
+
+
+def _interrupt_on_signal(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@main.command()
+@click.argument("sweep_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--host",
+    default=DEFAULT_HOST,
+    show_default=True,
+    help="Network interface the TensorBoard server listens on; "
+    "anything other than 127.0.0.1 makes it reachable from other machines.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=DEFAULT_PORT,
+    show_default=True,
+    help="TCP port of the TensorBoard server.",
+)
+def dashboard(sweep_dir: Path, host: str, port: int) -> None:
+    """Serve the TensorBoard logs of SWEEP_DIR until Ctrl-C."""
+    tb_dir = sweep_dir / TB_FOLDER
+    if not tb_dir.is_dir():
+        raise OneLineUsageError(
+            f"{str(sweep_dir)!r} contains no TensorBoard folder ({TB_FOLDER}/); "
+            "pass a folder written by 'stabiliscope sweep'"
+        )
+
+    console = _console()
+    if host != DEFAULT_HOST:
+        _console(stderr=True).print(
+            f"[yellow]Warning:[/] TensorBoard listens on {host}, so the dashboard is "
+            "reachable from other machines on that network."
+        )
+
+    server = TensorBoardServer(tb_dir, host=host, port=port)
+    try:
+        server.start()
+    except RuntimeError as error:
+        raise click.ClickException(str(error)) from None
+
+    console.print(f"TensorBoard serves {tb_dir} at {server.url} (Ctrl-C to stop)")
+    # SIGTERM (from `kill` or a process manager) stops the child like Ctrl-C,
+    # instead of ending this process and leaving TensorBoard running.
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt_on_signal)
+    try:
+        returncode = server.wait()
+    except KeyboardInterrupt:
+        console.print("Stopping TensorBoard.")
+        return
+    finally:
+        server.stop()
+        signal.signal(signal.SIGTERM, previous_handler)
+    raise click.ClickException(f"TensorBoard exited on its own with status {returncode}")
+
+
+@main.command()
+def norms() -> None:
+    """List the normalization strategies and their block equations."""
+    table = Table(title="Normalization strategies")
+    table.add_column("name", style="bold", no_wrap=True)
+    table.add_column("block equation (x: block input, N: norm, A: attention, F: FFN)")
+    table.add_column("description")
+    for strategy in STRATEGIES.values():
+        table.add_row(strategy.name, strategy.equation, strategy.description)
+    _console().print(table)
