@@ -67,21 +67,23 @@ BAD_SWEEP_OPTIONS = [
     (["--init", "orthogonal"], "Invalid value for '--init': 'orthogonal'"),
     (["--norm-type", "batch"], "Invalid value for '--norm-type': 'batch'"),
     (["--ffn", "moe"], "Invalid value for '--ffn': 'moe'"),
-    (["--grad-clip", "0"], "Invalid value for '--grad-clip': 0"),
+    (["--grad-clip", "-1"], "Invalid value for '--grad-clip': -1"),
     (["--data", "no/such/file.txt"], "Invalid value for '--data': Path 'no/such/file.txt' does not exist."),
     (["--device", "tpu"], "Invalid value for '--device': invalid device 'tpu'"),
 ]
 
 
 @pytest.mark.parametrize(("arguments", "message"), BAD_SWEEP_OPTIONS)
-def test_sweep_bad_option_exit_code(arguments: list[str], message: str) -> None:
-    result = _invoke("sweep", *arguments)
+def test_sweep_bad_option_exit_code(arguments: list[str], message: str, tmp_path: Path) -> None:
+    # The tiny grid comes first so that, should a bad value be accepted, the
+    # test trains a few steps into tmp_path instead of the default sweep.
+    result = _invoke(*TINY_SWEEP, "--out", str(tmp_path / "sweep"), *arguments)
     assert result.exit_code == 2
 
 
 @pytest.mark.parametrize(("arguments", "message"), BAD_SWEEP_OPTIONS)
-def test_sweep_bad_option_one_line(arguments: list[str], message: str) -> None:
-    result = _invoke("sweep", *arguments)
+def test_sweep_bad_option_one_line(arguments: list[str], message: str, tmp_path: Path) -> None:
+    result = _invoke(*TINY_SWEEP, "--out", str(tmp_path / "sweep"), *arguments)
     lines = _error_lines(result)
     assert len(lines) == 1
     assert lines[0].startswith("Error: ")
