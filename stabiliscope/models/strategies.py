@@ -20,9 +20,9 @@ from stabiliscope.errors import ConfigError
 class BlockLayout:
     """Placement of the norms inside one block.
 
-    Each flag adds one norm: `attn_in_norm` and `mlp_in_norm` normalize a
-    sublayer's input (Pre-Norm); `attn_out_norm` and `mlp_out_norm` normalize a
-    sublayer's output before the residual add (Peri-LN); `mid_norm` and
+    Each flag adds one norm. `attn_in_norm` and `mlp_in_norm` normalize a
+    sublayer's input (Pre-Norm). `attn_out_norm` and `mlp_out_norm` normalize
+    a sublayer's output before the residual add (Peri-LN). `mid_norm` and
     `post_norm` normalize the stream after the attention and the FFN residual
     adds (Post-Norm). `head_norm` is "none", "qk" or "qkv".
     """
@@ -46,7 +46,7 @@ class NormStrategy:
     """A named normalization strategy of the reference model.
 
     `layout(layer, depth)` returns the block layout of block `layer`;
-    `final_norm` says whether a norm sits between the last block and the LM head.
+    `final_norm` is True when a norm sits between the last block and the LM head.
     """
 
     name: str

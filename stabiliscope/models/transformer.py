@@ -1,8 +1,8 @@
 """The reference decoder-only language model.
 
-Reads top to bottom in the order data flows: a block, then the model. Which
-norms a block has comes from its `BlockLayout` (see strategies.py); a norm the
-layout does not ask for is `None`, so the module tree shows the wiring.
+Reads top to bottom in the order data flows: a block, then the model. The
+norms of a block come from its `BlockLayout` (see strategies.py). A norm the
+layout does not request is `None`, so the module tree shows the wiring.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The `Watch`: hooks on a model that record per-block statistics every step.
 
-Data flows one way: forward and backward hooks write into preallocated device
-buffers; `Watch.step` reduces the parameter gradients and scores spikes on the
-device; on a flush step everything the step produced is packed into one
-tensor and copied to the host once, turned into a `StepRecord` and handed to
-the sinks. A step that is not a flush step launches kernels but never waits
+Data flows one way. Forward and backward hooks write into preallocated device
+buffers, and `Watch.step` reduces the parameter gradients and scores spikes on
+the device. On a flush step, everything the step produced is packed into one
+tensor, copied to the host once, turned into a `StepRecord` and passed to the
+sinks. A step that is not a flush step launches kernels but never waits
 for the device.
 """
 
@@ -216,9 +216,9 @@ class Watch:
     def step(self, loss: torch.Tensor | float | None = None) -> None:
         """Close one optimizer step: reduce gradient norms, score spikes, flush on schedule.
 
-        `loss` is the step's training loss (a tensor on any device, a float,
-        or None when not available); it is read on the device, so passing a
-        tensor does not synchronise.
+        `loss` is the step's training loss: a tensor on any device, a float,
+        or None when not available. A tensor is read on the device, so
+        passing one does not synchronise.
         """
         if not self._handles:
             raise RuntimeError(f"watch {self.name!r} is not attached; call attach() or use it as a context manager")

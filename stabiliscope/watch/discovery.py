@@ -1,6 +1,6 @@
 """Discovery of transformer blocks, hook positions and parameter roles.
 
-A `ModelMap` says, for each block of a model, which module's output is the
+A `ModelMap` records, for each block of a model, which module's output is the
 attention branch output (`attn_out`), which is the FFN branch output
 (`mlp_out`), and which parameters play each role (`attn.q`, ..., `norm`).
 The watch attaches its hooks from this map and never changes the model.
@@ -24,9 +24,9 @@ class ModelLayout:
 
     `blocks` is the dotted path of the `nn.ModuleList` of blocks. `roles` maps a
     role to regular expressions matched against parameter names relative to a
-    block. `attn_out` and `mlp_out` are the dotted paths, relative to a block,
-    of the modules whose outputs are the branch outputs; where the first path
-    that exists in a block wins.
+    block. `attn_out` and `mlp_out` list dotted paths, relative to a block, of
+    the modules whose outputs are the branch outputs. The first path that
+    exists in a block is used.
     """
 
     name: str

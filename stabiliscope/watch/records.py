@@ -1,6 +1,6 @@
 """Host-side records produced by a watch flush.
 
-A `StepRecord` holds the statistics of one optimizer step after they were copied
+A `StepRecord` contains the statistics of one optimizer step after they were copied
 from the device. Per-block metrics are lists indexed by block (layer) index,
 block 0 being the one closest to the embedding. A metric the model does not
 expose is absent from the dictionaries rather than stored as a placeholder.
@@ -17,7 +17,7 @@ class StepRecord:
     """Statistics of one optimizer step.
 
     `step` counts optimizer steps from 0; step 0 carries the gradients taken at
-    initialization, before any update. `scalars` holds the global metrics
+    initialization, before any update. `scalars` contains the global metrics
     (`loss`, `grad/total` and, when the watch logs every N > 1 steps, the
     interval extremes `loss/interval_max`, `loss/interval_min`,
     `grad/total/interval_max`, `grad/total/interval_min`). `blocks` maps a
@@ -43,7 +43,7 @@ class SpikeEvent:
 
     `zscore` is `(value - median) / (1.4826 * MAD)` over the trailing window of
     that metric (Iglewicz and Hoaglin 1993, modified z-score with the normal
-    consistency constant); `median` is the window median it was compared with.
+    consistency constant). `median` is the window median it was compared with.
     """
 
     step: int
