@@ -6,7 +6,8 @@ transformer and its normalization strategies; the `stabiliscope` command runs
 depth-scaling sweeps and reports.
 """
 
-from stabiliscope.watch import SpikeEvent, StepRecord, Watch, watch
+from stabiliscope import watch
+from stabiliscope.watch import SpikeEvent, StepRecord, Watch
 
 __version__ = "0.1.0"
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stabiliscope.watch.discovery import ModelMap, discover
+from stabiliscope.watch.discovery import ModelMap, ParamSlice, discover
 from stabiliscope.watch.records import Sink, SpikeEvent, StepRecord
 from stabiliscope.watch.spikes import SpikeDetector
 
@@ -113,31 +113,39 @@ class Watch:
         device = first_param.device
         self._device = device
 
-        # Every parameter of the model counts toward grad/total; block
-        # parameters also toward their block and, where one matches, a role.
-        block_of: dict[int, tuple[int, int]] = {}
-        for block in self.model_map.blocks:
-            for name, param in block.module.named_parameters():
-                block_of[id(param)] = (block.index, -1)
-            for role_index, role in enumerate(self.roles):
-                for _, param in block.params.get(role, []):
-                    block_of[id(param)] = (block.index, role_index)
-
+        # Every trainable parameter counts toward grad/total, a block's
+        # parameters toward grad/block, and each role slice toward its role.
         self._params = [p for p in self.model.parameters() if p.requires_grad]
-        in_block = [i for i, p in enumerate(self._params) if id(p) in block_of]
-        with_role = [i for i in in_block if block_of[id(self._params[i])][1] >= 0]
+        position_of = {id(p): i for i, p in enumerate(self._params)}
         role_count = len(self.roles)
+
+        in_block, in_block_target = [], []
+        for block in self.model_map.blocks:
+            for param in block.module.parameters():
+                if id(param) in position_of:
+                    in_block.append(position_of[id(param)])
+                    in_block_target.append(block.index)
+
+        self._slices: list[tuple[int, ParamSlice]] = []
+        slice_target = []
+        for block in self.model_map.blocks:
+            for role_index, role in enumerate(self.roles):
+                for part in block.params.get(role, []):
+                    if id(part.param) in position_of:
+                        self._slices.append((position_of[id(part.param)], part))
+                        slice_target.append(block.index * role_count + role_index)
+        self._slices_of_param: dict[int, list[int]] = {}
+        for slice_index, (param_index, _) in enumerate(self._slices):
+            self._slices_of_param.setdefault(param_index, []).append(slice_index)
 
         def index_tensor(values: Iterable[int]) -> torch.Tensor:
             return torch.tensor(list(values), dtype=torch.long, device=device)
 
         self._in_block = index_tensor(in_block)
-        self._in_block_target = index_tensor(block_of[id(self._params[i])][0] for i in in_block)
-        self._with_role = index_tensor(with_role)
-        self._with_role_target = index_tensor(
-            block_of[id(self._params[i])][0] * role_count + block_of[id(self._params[i])][1] for i in with_role
-        )
+        self._in_block_target = index_tensor(in_block_target)
+        self._slice_target = index_tensor(slice_target)
         self._grad_sq: list[torch.Tensor | None] = [None] * len(self._params)
+        self._slice_sq: list[torch.Tensor | None] = [None] * len(self._slices)
         self._zero = torch.zeros((), device=device)
 
         depth = self.depth
@@ -171,11 +179,21 @@ class Watch:
     # ------------------------------------------------------------------ hooks
 
     def _grad_hook(self, index: int):
+        slices = [(j, self._slices[j][1]) for j in self._slices_of_param.get(index, [])]
+
         def hook(param: torch.Tensor) -> None:
-            if param.grad is None:
+            grad = param.grad
+            if grad is None:
                 return
             with torch.no_grad():
-                self._grad_sq[index] = torch.linalg.vector_norm(param.grad, dtype=torch.float32).square()
+                whole = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+                self._grad_sq[index] = whole
+                for slice_index, part in slices:
+                    if part.dim is None:
+                        self._slice_sq[slice_index] = whole
+                    else:
+                        part_grad = part.select(grad)
+                        self._slice_sq[slice_index] = torch.linalg.vector_norm(part_grad, dtype=torch.float32).square()
 
         return hook
 
@@ -225,7 +243,11 @@ class Watch:
 
         with torch.no_grad():
             grad_sq = torch.stack([self._zero if sq is None else sq for sq in self._grad_sq])
+            slice_sq = torch.stack([self._zero if sq is None else sq for sq in self._slice_sq] or [self._zero])[
+                : len(self._slices)
+            ]
             self._grad_sq = [None] * len(self._params)
+            self._slice_sq = [None] * len(self._slices)
             loss_value = self._as_device_scalar(loss)
             scalars = torch.stack([loss_value, grad_sq.sum().sqrt()])
 
@@ -242,7 +264,7 @@ class Watch:
             )
 
             if self._step % self.every == 0:
-                self._flush(self._step, scalars, grad_sq)
+                self._flush(self._step, scalars, grad_sq, slice_sq)
         self._step += 1
 
     def _as_device_scalar(self, loss: torch.Tensor | float | None) -> torch.Tensor:
@@ -252,11 +274,11 @@ class Watch:
             return loss.detach().reshape(()).to(device=self._device, dtype=torch.float32)
         return torch.tensor(float(loss), device=self._device)
 
-    def _flush(self, step: int, scalars: torch.Tensor, grad_sq: torch.Tensor) -> None:
+    def _flush(self, step: int, scalars: torch.Tensor, grad_sq: torch.Tensor, slice_sq: torch.Tensor) -> None:
         depth, role_count = self.depth, len(self.roles)
 
         role_sq = torch.zeros(depth * role_count, device=self._device)
-        role_sq.index_add_(0, self._with_role_target, grad_sq[self._with_role])
+        role_sq.index_add_(0, self._slice_target, slice_sq)
         block_sq = torch.zeros(depth, device=self._device)
         block_sq.index_add_(0, self._in_block_target, grad_sq[self._in_block])
         spike_log = torch.stack([scores for _, scores in self._pending_spikes])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from stabiliscope.errors import DiscoveryError
@@ -34,6 +35,12 @@ class ModelLayout:
     roles: dict[str, tuple[str, ...]]
     attn_out: tuple[str, ...]
     mlp_out: tuple[str, ...]
+    # (path, side) pairs: the stream between the sublayers is the "input" or
+    # the "output" of the module at `path`; the first that exists is used.
+    resid_mid: tuple[tuple[str, str], ...] = ()
+    # Path of the attention module, whose q and k give the attention logits
+    # when it offers `capture_qk` (the reference model's attention does).
+    attention: tuple[str, ...] = ()
 
 
 REFERENCE_LAYOUT = ModelLayout(
@@ -52,18 +59,58 @@ REFERENCE_LAYOUT = ModelLayout(
     # branch output is that norm's output when the block has one.
     attn_out=("norm_attn_out", "attn"),
     mlp_out=("norm_mlp_out", "mlp"),
+    resid_mid=(("norm_mid", "output"), ("norm_mlp_in", "input"), ("mlp", "input")),
+    attention=("attn",),
 )
+
+
+@dataclass(frozen=True)
+class ParamSlice:
+    """A parameter, or a contiguous block of its rows or columns, that plays one role.
+
+    `dim` is None when the whole parameter belongs to the role. A fused QKV
+    weight yields three slices of one parameter, one each for `attn.q`,
+    `attn.k` and `attn.v`, along the output dimension (`dim=0` for
+    `nn.Linear`, `dim=1` for GPT-2's `Conv1D`).
+    """
+
+    name: str
+    param: nn.Parameter
+    dim: int | None = None
+    start: int = 0
+    stop: int = 0
+
+    def select(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Return the part of `tensor` (shaped like the parameter) that this slice covers."""
+        if self.dim is None:
+            return tensor
+        return tensor.narrow(self.dim, self.start, self.stop - self.start)
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """A stream position read from the input or the output of a module."""
+
+    module: nn.Module
+    side: str  # "input" or "output"
 
 
 @dataclass
 class BlockMap:
-    """Hook targets and parameters of one block."""
+    """Hook targets and parameters of one block.
+
+    `module` is the block itself: its input is `resid_pre` and its output
+    `resid_post`. `attn_out` and `mlp_out` are modules whose outputs are the
+    branch outputs. A position the model does not expose is None.
+    """
 
     index: int
     module: nn.Module
     attn_out: nn.Module | None
     mlp_out: nn.Module | None
-    params: dict[str, list[tuple[str, nn.Parameter]]] = field(default_factory=dict)
+    params: dict[str, list[ParamSlice]] = field(default_factory=dict)
+    resid_mid: HookPoint | None = None
+    attention: nn.Module | None = None
 
 
 @dataclass
@@ -85,7 +132,7 @@ class ModelMap:
         for block in self.blocks:
             lines.append(f"block {block.index}:")
             for role in self.roles:
-                names = ", ".join(name for name, _ in block.params.get(role, [])) or "-"
+                names = ", ".join(part.name for part in block.params.get(role, [])) or "-"
                 lines.append(f"  {role:8s} {names}")
         return "\n".join(lines)
 
@@ -102,6 +149,14 @@ def _first_module(block: nn.Module, paths: tuple[str, ...]) -> nn.Module | None:
         module = _get_submodule(block, path)
         if module is not None:
             return module
+    return None
+
+
+def _first_hook_point(block: nn.Module, candidates: tuple[tuple[str, str], ...]) -> HookPoint | None:
+    for path, side in candidates:
+        module = _get_submodule(block, path)
+        if module is not None:
+            return HookPoint(module, side)
     return None
 
 
@@ -124,11 +179,11 @@ def map_model(model: nn.Module, layout: ModelLayout) -> ModelMap:
     patterns = {role: [re.compile(p) for p in ps] for role, ps in layout.roles.items()}
     block_maps = []
     for index, block in enumerate(blocks):
-        params: dict[str, list[tuple[str, nn.Parameter]]] = {role: [] for role in layout.roles}
+        params: dict[str, list[ParamSlice]] = {role: [] for role in layout.roles}
         for name, param in block.named_parameters():
             role = _match_role(name, patterns)
             if role is not None:
-                params[role].append((name, param))
+                params[role].append(ParamSlice(name, param))
         block_maps.append(
             BlockMap(
                 index=index,
@@ -136,6 +191,8 @@ def map_model(model: nn.Module, layout: ModelLayout) -> ModelMap:
                 attn_out=_first_module(block, layout.attn_out),
                 mlp_out=_first_module(block, layout.mlp_out),
                 params=params,
+                resid_mid=_first_hook_point(block, layout.resid_mid),
+                attention=_first_module(block, layout.attention),
             )
         )
     return ModelMap(layout=layout, blocks=block_maps)
