@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from torch.overrides import TorchFunctionMode
+
 from stabiliscope.data import load_corpus
 from stabiliscope.errors import DiscoveryError
 from stabiliscope.models import ModelConfig, build_model
@@ -214,17 +216,57 @@ def test_every_n_keeps_interval_extremes():
     assert w.records[1].scalars["lr"] == 0.0
 
 
-def test_every_n_skips_activation_work_between_flushes():
+class CallRecorder(TorchFunctionMode):
+    """Record the name of every torch function and tensor method called."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+# Calls that make the host wait for the device when the tensor lives on a GPU.
+SYNCING_CALLS = {"item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "nonzero"}
+
+
+def train_step(model, watcher, batch):
+    x, y = batch
+    _, loss = model(x, y)
+    loss.backward()
+    watcher.step(loss)
+    model.zero_grad()
+
+
+def test_non_flush_step_makes_no_host_sync():
+    model = make_model()
+    batch = make_batch()
+    with watch(model, every=4) as w:
+        train_step(model, w, batch)
+        with CallRecorder() as between:
+            for _ in range(3):
+                train_step(model, w, batch)
+        with CallRecorder() as flush:
+            train_step(model, w, batch)
+    assert SYNCING_CALLS.isdisjoint(between.names), SYNCING_CALLS & set(between.names)
+    assert "cpu" in flush.names
+    assert [r.step for r in w.records] == [0, 4]
+
+
+def test_non_flush_forward_skips_statistics():
     model = make_model()
     x, y = make_batch()
     with watch(model, every=2) as w:
-        for _ in range(2):
+        with CallRecorder() as flush_forward:
             _, loss = model(x, y)
-            loss.backward()
-            w.step(loss)
-            model.zero_grad()
-        assert w._act_count.sum() == 0  # step 1 is not a flush step
-    assert len(w.records) == 1
+        loss.backward()
+        w.step(loss)
+        with CallRecorder() as plain_forward:
+            model(x, y)
+    assert any("vector_norm" in name for name in flush_forward.names)
+    assert not any("vector_norm" in name for name in plain_forward.names)
 
 
 def test_spike_detector_by_hand():

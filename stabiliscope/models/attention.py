@@ -43,7 +43,15 @@ class CausalSelfAttention(nn.Module):
     `head_norm` selects QK-Norm ("qk") or QKV-Norm ("qkv"): each head's q, k
     (and v) is normalized over `d_head` with one gain vector shared by the
     heads, before the rotary embedding is applied.
+
+    When `capture_qk` is True, each forward stores the detached q and k that
+    enter the attention product, shaped (B, n_heads, T, d_head), in
+    `captured_qk`; a watch sets the flag to measure attention logits and
+    clears the stored tensors after reading them.
     """
+
+    capture_qk: bool = False
+    captured_qk: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __init__(
         self,
@@ -88,6 +96,8 @@ class CausalSelfAttention(nn.Module):
 
         q = self.rotary(q)
         k = self.rotary(k)
+        if self.capture_qk:
+            self.captured_qk = (q.detach(), k.detach())
 
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(batch, seq_len, width)

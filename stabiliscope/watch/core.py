@@ -4,29 +4,42 @@ Data flows one way. Forward and backward hooks write into preallocated device
 buffers, and `Watch.step` reduces the parameter gradients and scores spikes on
 the device. On a flush step, everything the step produced is packed into one
 tensor, copied to the host once, turned into a `StepRecord` and passed to the
-sinks. A step that is not a flush step launches kernels but never waits
-for the device.
+sinks. A step that is not a flush step launches kernels but never waits for
+the device.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from stabiliscope.watch.discovery import ModelMap, ParamSlice, discover
-from stabiliscope.watch.records import Sink, SpikeEvent, StepRecord
+from stabiliscope.watch import stats
+from stabiliscope.watch.discovery import HookPoint, ModelMap, ParamSlice, discover
+from stabiliscope.watch.flush import POSITIONS, SPIKE_METRICS, FlushLayout, HostCounts
+from stabiliscope.watch.records import NonfiniteEvent, Sink, SpikeEvent, StepRecord
 from stabiliscope.watch.spikes import SpikeDetector
 
 logger = logging.getLogger(__name__)
 
-# Stream positions whose activations are measured, in TransformerLens's names.
-POSITIONS = ("attn_out", "mlp_out", "resid_post")
-SPIKE_METRICS = ("loss", "grad/total")
+RESID_PRE = POSITIONS.index("resid_pre")
+RESID_POST = POSITIONS.index("resid_post")
+
+
+@dataclass
+class _Staged:
+    """A flush step packed on the device, waiting for its optimizer step or the host copy."""
+
+    step: int
+    parts: list[torch.Tensor]
+    spikes: torch.Tensor
+    counts: HostCounts
+    update: torch.Tensor | None = None
 
 
 class Watch:
@@ -36,12 +49,19 @@ class Watch:
     last micro-batch. Parameter gradient norms are taken by hooks that run
     when a gradient has been accumulated into `.grad`, so they are the norms
     of the accumulated gradient before any clipping, wherever `step` is called
-    relative to `clip_grad_norm_` and `optimizer.step()`.
+    relative to `clip_grad_norm_` and `optimizer.step()`. With a `scaler`
+    (an AMP `GradScaler`), gradient norms are divided by the loss scale that
+    was in force during the backward pass.
 
     Forward statistics are taken only in training forwards (module in training
-    mode with gradients enabled) of flush steps; `no_grad` and eval forwards
-    are ignored. Records stay in `records` (unless `keep_records=False`) and
-    go to each sink in `sinks` at every flush.
+    mode, gradients enabled, not a recomputation inside a backward pass) of
+    flush steps; `no_grad`, eval and activation-checkpointing recomputation
+    forwards are ignored. Given the `optimizer`, the watch also records
+    `update/<role>` across each flush step's optimizer step and the learning
+    rate; that record is emitted after the optimizer step.
+
+    Records stay in `records` (unless `keep_records=False`) and go to each
+    sink in `sinks` at every flush.
     """
 
     def __init__(
@@ -52,25 +72,30 @@ class Watch:
         name: str = "model",
         every: int = 1,
         sinks: Sequence[Sink] = (),
+        scaler: torch.amp.GradScaler | None = None,
+        mapping=None,
         spike_window: int = 64,
         spike_threshold: float = 6.0,
         spike_min_history: int = 16,
         keep_records: bool = True,
     ) -> None:
-        if not isinstance(every, int) or every < 1:
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be a positive integer number of steps, got {every!r}")
         self.model = model
         self.optimizer = optimizer
+        self.scaler = scaler
         self.name = name
         self.every = every
         self.sinks = list(sinks)
         self.keep_records = keep_records
-        self.model_map: ModelMap = discover(model)
+        self.model_map: ModelMap = discover(model) if mapping is None else discover(model, mapping=mapping)
         self.records: list[StepRecord] = []
         self.spikes: list[SpikeEvent] = []
+        self.first_nonfinite: NonfiniteEvent | None = None
 
         self._spike_settings = (spike_window, spike_threshold, spike_min_history)
         self._handles: list = []
+        self._captures: list[tuple[nn.Module, bool]] = []
         self._step = 0
         self._closed = False
 
@@ -109,15 +134,15 @@ class Watch:
         return self
 
     def _allocate(self) -> None:
-        first_param = next(self.model.parameters())
-        device = first_param.device
+        device = next(self.model.parameters()).device
         self._device = device
+        depth, role_count = self.depth, len(self.roles)
+        self._layout = FlushLayout(depth, tuple(self.roles))
 
         # Every trainable parameter counts toward grad/total, a block's
         # parameters toward grad/block, and each role slice toward its role.
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         position_of = {id(p): i for i, p in enumerate(self._params)}
-        role_count = len(self.roles)
 
         in_block, in_block_target = [], []
         for block in self.model_map.blocks:
@@ -138,6 +163,14 @@ class Watch:
         for slice_index, (param_index, _) in enumerate(self._slices):
             self._slices_of_param.setdefault(param_index, []).append(slice_index)
 
+        # Parameters with a role, flattened back to back for update ratios.
+        self._role_params = [self._params[i] for i in sorted(self._slices_of_param)]
+        offsets, offset = {}, 0
+        for param in self._role_params:
+            offsets[id(param)] = offset
+            offset += param.numel()
+        self._role_offsets = offsets
+
         def index_tensor(values: Iterable[int]) -> torch.Tensor:
             return torch.tensor(list(values), dtype=torch.long, device=device)
 
@@ -148,35 +181,74 @@ class Watch:
         self._slice_sq: list[torch.Tensor | None] = [None] * len(self._slices)
         self._zero = torch.zeros((), device=device)
 
-        depth = self.depth
-        self._resid_grad_sq = torch.zeros(depth, device=device)
-        self._act_sumsq = torch.zeros(len(POSITIONS), depth, device=device)
-        self._act_absmax = torch.zeros(len(POSITIONS), depth, device=device)
-        self._act_count = np.zeros((len(POSITIONS), depth), dtype=np.int64)  # host: shapes are known there
-        self._interval = torch.tensor([-math.inf, math.inf, -math.inf, math.inf], device=device)
+        positions = len(POSITIONS)
+        self._act = torch.zeros(3, positions, depth, device=device)  # sum of squares, absmax, non-finite
+        self._act_elements = np.zeros((positions, depth), dtype=np.int64)
+        self._pre_is_previous_post = np.zeros(depth, dtype=bool)
+        self._stream_grad = torch.zeros(2, depth, device=device)  # sum of squares, non-finite
+        self._attn = torch.zeros(2, depth, device=device)  # logit max, entropy sum
+        self._attn_rows = np.zeros(depth, dtype=np.int64)
+        self._last_output: tuple[int, torch.Tensor] | None = None
+        self._interval = self._fresh_interval()
+        self._first_bad = torch.full((2,), -1.0, device=device)  # (step, code) of a non-finite scalar
+        self._step_value = torch.zeros((), device=device)
         self._pending_spikes: list[tuple[int, torch.Tensor]] = []
+        self._staged: _Staged | None = None
+        self._snapshot: tuple[int, torch.Tensor] | None = None
+        self._pending_update: tuple[int, torch.Tensor] | None = None
         window, threshold, min_history = self._spike_settings
         self._spikes = SpikeDetector(len(SPIKE_METRICS), window, threshold, min_history, device)
+
+    def _fresh_interval(self) -> torch.Tensor:
+        return torch.tensor([-math.inf, math.inf, -math.inf, math.inf], device=self._device)
 
     def _register_hooks(self) -> None:
         for index, param in enumerate(self._params):
             self._handles.append(param.register_post_accumulate_grad_hook(self._grad_hook(index)))
 
         for block in self.model_map.blocks:
-            targets = {"attn_out": block.attn_out, "mlp_out": block.mlp_out, "resid_post": block.module}
-            for position_index, position in enumerate(POSITIONS):
-                module = targets[position]
-                if module is None:
-                    continue
-                hook = self._forward_hook(position_index, block.index, track_grad=position == "resid_post")
-                self._handles.append(module.register_forward_hook(hook))
+            b = block.index
+            self._handles.append(block.module.register_forward_pre_hook(self._resid_pre_hook(b), with_kwargs=True))
+            self._handles.append(block.module.register_forward_hook(self._resid_post_hook(b)))
+            for position, module in (("attn_out", block.attn_out), ("mlp_out", block.mlp_out)):
+                if module is not None:
+                    self._handles.append(module.register_forward_hook(self._output_hook(POSITIONS.index(position), b)))
+            if block.resid_mid is not None:
+                self._register_point(block.resid_mid, POSITIONS.index("resid_mid"), b)
+            if block.attention is not None and hasattr(block.attention, "capture_qk"):
+                self._captures.append((block.attention, block.attention.capture_qk))
+                block.attention.capture_qk = True
+                self._handles.append(block.attention.register_forward_hook(self._attention_hook(b)))
+
+        if self.optimizer is not None:
+            self._handles.append(self.optimizer.register_step_pre_hook(self._before_optimizer_step))
+            self._handles.append(self.optimizer.register_step_post_hook(self._after_optimizer_step))
+
+    def _register_point(self, point: HookPoint, position: int, block: int) -> None:
+        if point.side == "input":
+            hook = self._input_hook(position, block)
+            self._handles.append(point.module.register_forward_pre_hook(hook, with_kwargs=True))
+        else:
+            self._handles.append(point.module.register_forward_hook(self._output_hook(position, block)))
 
     def _remove_hooks(self) -> None:
         handles, self._handles = self._handles, []
         for handle in handles:
             handle.remove()
+        captures, self._captures = self._captures, []
+        for module, previous in captures:
+            module.capture_qk = previous
+            module.captured_qk = None
 
     # ------------------------------------------------------------------ hooks
+
+    def _inverse_scale_squared(self) -> torch.Tensor | None:
+        if self.scaler is None or not self.scaler.is_enabled():
+            return None
+        scale = self.scaler._get_scale_async()
+        if scale is None:
+            return None
+        return scale.float().reciprocal().square()
 
     def _grad_hook(self, index: int):
         slices = [(j, self._slices[j][1]) for j in self._slices_of_param.get(index, [])]
@@ -186,48 +258,160 @@ class Watch:
             if grad is None:
                 return
             with torch.no_grad():
-                whole = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+                whole = stats.sum_of_squares(grad)
+                inverse = self._inverse_scale_squared()
+                if inverse is not None:
+                    whole = whole * inverse
                 self._grad_sq[index] = whole
                 for slice_index, part in slices:
                     if part.dim is None:
                         self._slice_sq[slice_index] = whole
-                    else:
-                        part_grad = part.select(grad)
-                        self._slice_sq[slice_index] = torch.linalg.vector_norm(part_grad, dtype=torch.float32).square()
+                        continue
+                    part_sq = stats.sum_of_squares(part.select(grad))
+                    self._slice_sq[slice_index] = part_sq if inverse is None else part_sq * inverse
 
         return hook
 
     def _recording(self, module: nn.Module) -> bool:
-        return module.training and torch.is_grad_enabled() and self._step % self.every == 0
+        # A forward run by autograd during backward is an activation
+        # checkpointing recomputation; its statistics were taken already.
+        return (
+            module.training
+            and torch.is_grad_enabled()
+            and self._step % self.every == 0
+            and torch._C._current_graph_task_id() == -1
+        )
 
-    def _forward_hook(self, position_index: int, block_index: int, track_grad: bool):
+    def _measure(self, position: int, block: int, tensor: torch.Tensor) -> None:
+        with torch.no_grad():
+            values = tensor.detach()
+            column = self._act[:, position, block]
+            column[0].add_(stats.sum_of_squares(values))
+            column[1].copy_(torch.fmax(column[1], stats.abs_max(values)))
+            column[2].add_(stats.nonfinite_count(values))
+        self._act_elements[position, block] += values.numel()
+
+    def _resid_pre_hook(self, block: int):
+        def hook(module: nn.Module, args, kwargs) -> None:
+            if not self._recording(module):
+                return
+            tensor = _first_tensor(args, kwargs)
+            if tensor is None:
+                return
+            previous = self._last_output
+            if previous is not None and previous[0] == block - 1 and previous[1] is tensor:
+                # The previous block's output, measured already: copied at flush.
+                self._pre_is_previous_post[block] = True
+                return
+            self._measure(RESID_PRE, block, tensor)
+
+        return hook
+
+    def _resid_post_hook(self, block: int):
         def hook(module: nn.Module, args, output) -> None:
             if not self._recording(module):
                 return
-            tensor = output[0] if isinstance(output, (tuple, list)) else output
-            if not isinstance(tensor, torch.Tensor):
+            tensor = _first_tensor((output,), {})
+            if tensor is None:
                 return
-
-            with torch.no_grad():
-                values = tensor.detach()
-                sumsq = torch.linalg.vector_norm(values, dtype=torch.float32).square()
-                absmax = torch.linalg.vector_norm(values, ord=math.inf, dtype=torch.float32)
-                self._act_sumsq[position_index, block_index].add_(sumsq)
-                current = self._act_absmax[position_index, block_index]
-                current.copy_(torch.maximum(current, absmax))
-            self._act_count[position_index, block_index] += values.numel()
-
-            if track_grad and tensor.requires_grad:
-                tensor.register_hook(self._stream_grad_hook(block_index))
+            self._measure(RESID_POST, block, tensor)
+            self._last_output = (block, tensor)
+            if tensor.requires_grad:
+                tensor.register_hook(self._stream_grad_hook(block))
 
         return hook
 
-    def _stream_grad_hook(self, block_index: int):
+    def _output_hook(self, position: int, block: int):
+        def hook(module: nn.Module, args, output) -> None:
+            if not self._recording(module):
+                return
+            tensor = _first_tensor((output,), {})
+            if tensor is not None:
+                self._measure(position, block, tensor)
+
+        return hook
+
+    def _input_hook(self, position: int, block: int):
+        def hook(module: nn.Module, args, kwargs) -> None:
+            if not self._recording(module):
+                return
+            tensor = _first_tensor(args, kwargs)
+            if tensor is not None:
+                self._measure(position, block, tensor)
+
+        return hook
+
+    def _stream_grad_hook(self, block: int):
         def hook(grad: torch.Tensor) -> None:
             with torch.no_grad():
-                self._resid_grad_sq[block_index].add_(torch.linalg.vector_norm(grad, dtype=torch.float32).square())
+                grad_sq = stats.sum_of_squares(grad)
+                inverse = self._inverse_scale_squared()
+                if inverse is not None:
+                    grad_sq = grad_sq * inverse
+                self._stream_grad[0, block].add_(grad_sq)
+                self._stream_grad[1, block].add_(stats.nonfinite_count(grad))
 
         return hook
+
+    def _attention_hook(self, block: int):
+        def hook(module: nn.Module, args, output) -> None:
+            captured = module.captured_qk
+            module.captured_qk = None
+            if captured is None or not self._recording(module):
+                return
+            q, k = captured
+            with torch.no_grad():
+                logit_max, entropy = stats.attention_stats(q, k)
+                self._attn[0, block].copy_(torch.fmax(self._attn[0, block], logit_max))
+                self._attn[1, block].add_(entropy)
+            self._attn_rows[block] += q.shape[0] * q.shape[1] * q.shape[2]
+
+        return hook
+
+    # ------------------------------------------------------ optimizer steps
+
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if self._staged is not None and self._staged.update is None:
+            target = self._staged.step  # step() came first, as in the usual loop
+        elif self._step % self.every == 0:
+            target = self._step  # the optimizer steps before step() is called
+        else:
+            return
+        with torch.no_grad():
+            self._snapshot = (target, self._flat_role_params())
+
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if self._snapshot is None:
+            return
+        target, before = self._snapshot
+        self._snapshot = None
+        with torch.no_grad():
+            ratios = self._update_ratios(before)
+        if self._staged is not None and self._staged.step == target:
+            self._staged.update = ratios
+            self._emit()
+        else:
+            self._pending_update = (target, ratios)
+
+    def _flat_role_params(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1).float() for p in self._role_params])
+
+    def _update_ratios(self, before: torch.Tensor) -> torch.Tensor:
+        """Return ||W_after - W_before||_F / ||W_before||_F per (block, role), flattened."""
+        change = self._flat_role_params() - before
+        change_views, before_views = [], []
+        for _, part in self._slices:
+            offset = self._role_offsets[id(part.param)]
+            shape, numel = part.param.shape, part.param.numel()
+            change_views.append(part.select(change[offset : offset + numel].view(shape)))
+            before_views.append(part.select(before[offset : offset + numel].view(shape)))
+
+        change_sq = torch.stack(torch._foreach_norm(change_views)).square()
+        before_sq = torch.stack(torch._foreach_norm(before_views)).square()
+        size = self.depth * len(self.roles)
+        role_change = torch.zeros(size, device=self._device).index_add_(0, self._slice_target, change_sq)
+        role_before = torch.zeros(size, device=self._device).index_add_(0, self._slice_target, before_sq)
+        return (role_change / role_before).sqrt()
 
     # ------------------------------------------------------------------- step
 
@@ -240,32 +424,25 @@ class Watch:
         """
         if not self._handles:
             raise RuntimeError(f"watch {self.name!r} is not attached; call attach() or use it as a context manager")
+        if self._staged is not None:
+            self._emit()  # its optimizer step never came (for example, skipped by a GradScaler)
 
         with torch.no_grad():
             grad_sq = torch.stack([self._zero if sq is None else sq for sq in self._grad_sq])
-            slice_sq = torch.stack([self._zero if sq is None else sq for sq in self._slice_sq] or [self._zero])[
-                : len(self._slices)
-            ]
+            slice_sq = [self._zero if sq is None else sq for sq in self._slice_sq]
+            slice_sq = torch.stack(slice_sq) if slice_sq else torch.zeros(0, device=self._device)
             self._grad_sq = [None] * len(self._params)
             self._slice_sq = [None] * len(self._slices)
-            loss_value = self._as_device_scalar(loss)
-            scalars = torch.stack([loss_value, grad_sq.sum().sqrt()])
 
-            spike_scores = self._spikes.score(scalars)
-            self._pending_spikes.append((self._step, spike_scores))
-            extremes = torch.stack([scalars[0], scalars[0], scalars[1], scalars[1]])
-            self._interval = torch.stack(
-                [
-                    torch.fmax(self._interval[0], extremes[0]),
-                    torch.fmin(self._interval[1], extremes[1]),
-                    torch.fmax(self._interval[2], extremes[2]),
-                    torch.fmin(self._interval[3], extremes[3]),
-                ]
-            )
-
+            scalars = torch.stack([self._as_device_scalar(loss), grad_sq.sum().sqrt()])
+            self._track_scalars(scalars)
             if self._step % self.every == 0:
-                self._flush(self._step, scalars, grad_sq, slice_sq)
+                self._stage(self._step, scalars, grad_sq, slice_sq)
         self._step += 1
+        self._last_output = None
+
+        if self._staged is not None and (self.optimizer is None or self._staged.update is not None):
+            self._emit()
 
     def _as_device_scalar(self, loss: torch.Tensor | float | None) -> torch.Tensor:
         if loss is None:
@@ -274,30 +451,92 @@ class Watch:
             return loss.detach().reshape(()).to(device=self._device, dtype=torch.float32)
         return torch.tensor(float(loss), device=self._device)
 
-    def _flush(self, step: int, scalars: torch.Tensor, grad_sq: torch.Tensor, slice_sq: torch.Tensor) -> None:
+    def _track_scalars(self, scalars: torch.Tensor) -> None:
+        """Score spikes, update the interval extremes and the first non-finite scalar, on the device."""
+        self._pending_spikes.append((self._step, self._spikes.score(scalars)))
+
+        loss_value, grad_total = scalars[0], scalars[1]
+        self._interval = torch.stack(
+            [
+                torch.fmax(self._interval[0], loss_value),
+                torch.fmin(self._interval[1], loss_value),
+                torch.fmax(self._interval[2], grad_total),
+                torch.fmin(self._interval[3], grad_total),
+            ]
+        )
+
+        bad_loss = ~torch.isfinite(loss_value)
+        bad = bad_loss | ~torch.isfinite(grad_total)
+        code = torch.where(bad_loss, 0.0, 1.0)
+        first_time = bad & (self._first_bad[0] < 0)
+        self._first_bad = torch.where(first_time, torch.stack([self._step_value, code]), self._first_bad)
+        self._step_value = self._step_value + 1
+
+    def _stage(self, step: int, scalars: torch.Tensor, grad_sq: torch.Tensor, slice_sq: torch.Tensor) -> None:
         depth, role_count = self.depth, len(self.roles)
 
         role_sq = torch.zeros(depth * role_count, device=self._device)
         role_sq.index_add_(0, self._slice_target, slice_sq)
         block_sq = torch.zeros(depth, device=self._device)
         block_sq.index_add_(0, self._in_block_target, grad_sq[self._in_block])
-        spike_log = torch.stack([scores for _, scores in self._pending_spikes])
 
-        packed = torch.cat(
-            [
-                scalars,
-                self._interval,
-                role_sq.sqrt(),
-                block_sq.sqrt(),
-                self._resid_grad_sq.sqrt(),
-                self._act_sumsq.flatten(),
-                self._act_absmax.flatten(),
-                spike_log.flatten(),
-            ]
+        aliased = np.flatnonzero(self._pre_is_previous_post)
+        if aliased.size:
+            self._act[:, RESID_PRE, aliased] = self._act[:, RESID_POST, aliased - 1]
+            self._act_elements[RESID_PRE, aliased] = self._act_elements[RESID_POST, aliased - 1]
+
+        parts = [
+            scalars,
+            self._interval,
+            self._first_bad,
+            role_sq.sqrt(),
+            block_sq.sqrt(),
+            self._stream_grad.flatten().clone(),
+            self._act.flatten().clone(),
+            self._attn.flatten().clone(),
+        ]
+        counts = HostCounts(
+            act_elements=self._act_elements.copy(),
+            attn_rows=self._attn_rows.copy(),
+            spike_steps=[s for s, _ in self._pending_spikes],
+            has_update=False,
         )
-        host = packed.cpu().numpy().astype(np.float64)  # the one device-to-host copy
-        record, spikes = self._unpack(step, host, [s for s, _ in self._pending_spikes])
+        spikes = torch.stack([scores for _, scores in self._pending_spikes]).flatten()
+        self._staged = _Staged(step, parts, spikes, counts)
+        if self._pending_update is not None and self._pending_update[0] == step:
+            self._staged.update = self._pending_update[1]
+        self._pending_update = None
         self._reset_interval()
+
+    def _reset_interval(self) -> None:
+        self._pending_spikes = []
+        self._interval = self._fresh_interval()
+        self._stream_grad.zero_()
+        self._act.zero_()
+        self._attn.zero_()
+        self._act_elements[:] = 0
+        self._attn_rows[:] = 0
+        self._pre_is_previous_post[:] = False
+
+    def _emit(self) -> None:
+        """Copy the staged flush to the host once and hand its record to the sinks."""
+        staged, self._staged = self._staged, None
+        parts = list(staged.parts)
+        if staged.update is not None:
+            parts.append(staged.update)
+            staged.counts.has_update = True
+        parts.append(staged.spikes)
+        host = torch.cat(parts).cpu().numpy().astype(np.float64)  # the one device-to-host copy
+
+        lr = float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else None
+        record, spikes, nonfinite = self._layout.unpack(staged.step, host, staged.counts, self.every, lr)
+        if nonfinite is not None and self.first_nonfinite is None:
+            self.first_nonfinite = nonfinite
+            record = StepRecord(record.step, record.scalars, record.blocks, first_nonfinite=nonfinite)
+            logger.warning(
+                "%s: first non-finite value at step %d, block %s, %s (%s, %d elements)",
+                self.name, nonfinite.step, nonfinite.block, nonfinite.position, nonfinite.direction, nonfinite.count,
+            )
 
         if self.keep_records:
             self.records.append(record)
@@ -310,76 +549,18 @@ class Watch:
         for sink in self.sinks:
             sink.write([record], spikes)
 
-    def _unpack(self, step: int, host: np.ndarray, spike_steps: list[int]) -> tuple[StepRecord, list[SpikeEvent]]:
-        depth, role_count, positions = self.depth, len(self.roles), len(POSITIONS)
-        offset = 0
-
-        def take(count: int) -> np.ndarray:
-            nonlocal offset
-            chunk = host[offset : offset + count]
-            offset += count
-            return chunk
-
-        loss, grad_total = take(2)
-        interval = take(4)
-        role_norms = take(depth * role_count).reshape(depth, role_count)
-        block_norms = take(depth)
-        resid_grad = take(depth)
-        act_sumsq = take(positions * depth).reshape(positions, depth)
-        act_absmax = take(positions * depth).reshape(positions, depth)
-        spike_log = take(len(spike_steps) * len(SPIKE_METRICS) * 3).reshape(len(spike_steps), len(SPIKE_METRICS), 3)
-
-        scalars = {"loss": float(loss), "grad/total": float(grad_total)}
-        if self.every > 1:
-            scalars["loss/interval_max"] = float(interval[0])
-            scalars["loss/interval_min"] = float(interval[1])
-            scalars["grad/total/interval_max"] = float(interval[2])
-            scalars["grad/total/interval_min"] = float(interval[3])
-        if self.optimizer is not None:
-            scalars["lr"] = float(self.optimizer.param_groups[0]["lr"])
-
-        blocks: dict[str, list[float]] = {}
-        for role_index, role in enumerate(self.roles):
-            blocks[f"grad/{role}"] = role_norms[:, role_index].tolist()
-        blocks["grad/block"] = block_norms.tolist()
-        if self._act_count[POSITIONS.index("resid_post")].all():
-            blocks["grad/resid_post"] = resid_grad.tolist()
-        for position_index, position in enumerate(POSITIONS):
-            counts = self._act_count[position_index]
-            if not counts.all():
-                continue
-            blocks[f"act/{position}_rms"] = np.sqrt(act_sumsq[position_index] / counts).tolist()
-            blocks[f"act/{position}_absmax"] = act_absmax[position_index].tolist()
-
-        spikes = []
-        for row, spike_step in enumerate(spike_steps):
-            for metric_index, metric in enumerate(SPIKE_METRICS):
-                flag, zscore, median = spike_log[row, metric_index]
-                if flag > 0.5:
-                    value = scalars["loss"] if metric == "loss" else scalars["grad/total"]
-                    if spike_step != step:
-                        value = math.nan  # only the extremes of earlier steps in the interval are kept
-                    spikes.append(SpikeEvent(spike_step, metric, value, float(zscore), float(median)))
-        return StepRecord(step=step, scalars=scalars, blocks=blocks), spikes
-
-    def _reset_interval(self) -> None:
-        self._pending_spikes = []
-        self._interval = torch.tensor([-math.inf, math.inf, -math.inf, math.inf], device=self._device)
-        self._resid_grad_sq.zero_()
-        self._act_sumsq.zero_()
-        self._act_absmax.zero_()
-        self._act_count[:] = 0
-
     # --------------------------------------------------------------- teardown
 
     def close(self) -> None:
-        """Remove every hook and close the sinks; safe to call more than once."""
+        """Emit a waiting record, remove every hook and close the sinks; safe to call twice."""
         if self._closed:
             return
         self._closed = True
         try:
-            self._remove_hooks()
+            if self._handles and self._staged is not None:
+                self._emit()
         finally:
+            self._remove_hooks()
             for sink in self.sinks:
                 sink.close()
 
@@ -387,6 +568,8 @@ class Watch:
         return self.attach()
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._staged = None  # do not hand a half-finished step to the sinks
         self.close()
 
     # --------------------------------------------------------------- analysis
@@ -410,10 +593,20 @@ class Watch:
         return result
 
 
+def _first_tensor(args, kwargs) -> torch.Tensor | None:
+    """Return the first tensor among positional arguments (or tuple outputs), then keyword values."""
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+        if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+            return value[0]
+    return None
+
+
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **options) -> Watch:
     """Attach a `Watch` to `model` and return it; use it as a context manager to detach.
 
     `options` are the keyword arguments of `Watch` (`name`, `every`, `sinks`,
-    spike settings, `keep_records`).
+    `scaler`, `mapping`, spike settings, `keep_records`).
     """
     return Watch(model, optimizer, **options).attach()

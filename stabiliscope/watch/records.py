@@ -13,6 +13,24 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class NonfiniteEvent:
+    """The first NaN or Inf a watch saw.
+
+    `position` is a stream position (`resid_pre`, ..., `resid_post`) or, when
+    the value was only seen in a global scalar, `loss` or `grad/total`;
+    `block` is then None. `direction` is "forward" for activations and the
+    loss, "backward" for gradients. `count` is the number of non-finite
+    elements at that place in that step (1 for a scalar).
+    """
+
+    step: int
+    block: int | None
+    position: str
+    direction: str
+    count: int
+
+
+@dataclass(frozen=True)
 class StepRecord:
     """Statistics of one optimizer step.
 
@@ -28,6 +46,8 @@ class StepRecord:
     step: int
     scalars: dict[str, float]
     blocks: dict[str, list[float]] = field(default_factory=dict)
+    # Set on the first record of a run that saw a NaN or Inf.
+    first_nonfinite: NonfiniteEvent | None = None
 
     def is_finite(self) -> bool:
         """Return True when every recorded value is finite."""
