@@ -523,3 +523,182 @@ def norms() -> None:
     for strategy in STRATEGIES.values():
         table.add_row(strategy.name, strategy.equation, strategy.description)
     _console().print(table)
+
+
+# Model inspection
+
+INSPECT_BUILT_IN = ("reference", "hf-llama", "hf-gpt2")
+INSPECT_TARGETS = INSPECT_BUILT_IN + ("python:MODULE:FACTORY",)
+INSPECT_VOCAB_SIZE = 256  # byte-level, like the reference model
+INSPECT_MAX_POSITIONS = 256
+
+
+def _build_hf_model(target: str, depth: int, width: int, heads: int) -> Any:
+    """Build a tiny, randomly initialized Hugging Face model from a config; nothing is downloaded."""
+    try:
+        import transformers
+    except ImportError:
+        raise OneLineUsageError(
+            f"model {target!r} needs the transformers package, which is not installed; "
+            "install it with: pip install transformers"
+        ) from None
+
+    if width % heads != 0:
+        raise OneLineUsageError(f"--width {width} is not divisible by --heads {heads}")
+    if target == "hf-llama":
+        config = transformers.LlamaConfig(
+            vocab_size=INSPECT_VOCAB_SIZE,
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=depth,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=INSPECT_MAX_POSITIONS,
+        )
+        return transformers.LlamaForCausalLM(config)
+    config = transformers.GPT2Config(
+        vocab_size=INSPECT_VOCAB_SIZE,
+        n_embd=width,
+        n_layer=depth,
+        n_head=heads,
+        n_positions=INSPECT_MAX_POSITIONS,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _build_from_factory(target: str) -> Any:
+    """Import MODULE and call FACTORY() for a `python:MODULE:FACTORY` target."""
+    import importlib
+
+    from torch import nn
+
+    module_name, _, factory_name = target.removeprefix("python:").rpartition(":")
+    if not module_name or not factory_name:
+        raise OneLineUsageError(
+            f"model {target!r} is invalid; expected python:MODULE:FACTORY, such as python:mymodels:build_model"
+        )
+
+    # The console script does not put the working folder on sys.path, but a
+    # user's model file usually sits there.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise OneLineUsageError(f"cannot import module {module_name!r} of model {target!r}: {error}") from None
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise OneLineUsageError(f"module {module_name!r} has no function {factory_name!r} (model {target!r})")
+
+    try:
+        model = factory()
+    except Exception as error:
+        raise click.ClickException(
+            f"{module_name}.{factory_name}() raised {type(error).__name__}: {error}"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise OneLineUsageError(
+            f"{module_name}.{factory_name}() returned {type(model).__name__}; expected a torch.nn.Module"
+        )
+    return model
+
+
+def _reject_options_for(target: str, names: tuple[str, ...], applies_to: str) -> None:
+    ctx = click.get_current_context()
+    for name in names:
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            option = "--" + name.replace("_", "-")
+            raise OneLineUsageError(f"{option} applies to {applies_to} only, not to model {target!r}")
+
+
+def _build_inspect_model(target: str, depth: int, width: int, heads: int, strategy: str | None) -> Any:
+    if target == "reference":
+        from stabiliscope.models import ModelConfig, build_model
+
+        config = ModelConfig(depth=depth, width=width, heads=heads, strategy=strategy or "pre")
+        return build_model(config)
+    if target in ("hf-llama", "hf-gpt2"):
+        _reject_options_for(target, ("strategy",), "the reference model")
+        return _build_hf_model(target, depth, width, heads)
+    if target.startswith("python:"):
+        _reject_options_for(target, ("depth", "width", "heads", "strategy"), "the built-in models")
+        return _build_from_factory(target)
+    raise OneLineUsageError(f"unknown model {target!r}; expected one of: {', '.join(INSPECT_TARGETS)}")
+
+
+@main.command(name="inspect")
+@click.argument("target")
+@click.option(
+    "--depth",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Number of transformer blocks of a built-in model.",
+)
+@click.option(
+    "--width",
+    type=click.IntRange(min=1),
+    default=DEFAULT_WIDTH,
+    show_default=True,
+    help="Model width (d_model) of a built-in model, in features per token.",
+)
+@click.option(
+    "--heads",
+    type=click.IntRange(min=1),
+    default=DEFAULT_HEADS,
+    show_default=True,
+    help="Number of attention heads per block of a built-in model.",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(list(STRATEGIES)),
+    default=None,
+    help="Normalization strategy of the reference model (see 'stabiliscope norms'); default: pre.",
+)
+@click.option(
+    "--mapping",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="JSON file mapping blocks, hook points and parameter roles, for a model no built-in layout fits.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the map as JSON instead of text.")
+@config_errors_as_usage
+def inspect_model(
+    target: str,
+    depth: int,
+    width: int,
+    heads: int,
+    strategy: str | None,
+    mapping: Path | None,
+    as_json: bool,
+) -> None:
+    """Show which blocks, hook points and parameter roles the watch finds in a model.
+
+    TARGET is reference (the stabiliscope reference model), hf-llama or
+    hf-gpt2 (tiny Hugging Face models built from a config, which need
+    transformers), or python:MODULE:FACTORY. The last imports MODULE, also
+    searching the working folder, and calls FACTORY() for an nn.Module.
+    """
+    import json
+
+    from stabiliscope.errors import DiscoveryError
+    from stabiliscope.watch.discovery import discover, load_mapping
+
+    model = _build_inspect_model(target, depth, width, heads, strategy)
+    layout = load_mapping(mapping) if mapping is not None else None
+    try:
+        model_map = discover(model, mapping=layout)
+    except DiscoveryError as error:
+        # Shown in full: the list of the model's module lists is the useful part.
+        click.echo(f"Error: {error}", err=True)
+        sys.exit(2)
+
+    console = _console()
+    if as_json:
+        data = {"target": target, "model": type(model).__name__, **model_map.to_dict()}
+        console.out(json.dumps(data, indent=2), highlight=False)
+    else:
+        console.print(f"[bold]{target}[/] ({type(model).__name__})")
+        console.print(model_map.describe(), markup=False, highlight=False)
