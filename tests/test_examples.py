@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -16,3 +18,30 @@ def test_plain_loop_example_runs():
     )
     assert result.returncode == 0, result.stderr
     assert "grad/mlp.out by layer, last step:" in result.stdout
+
+
+def run_example(script: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+
+
+def test_hf_llama_example_runs():
+    pytest.importorskip("transformers")
+    result = run_example("hf_llama.py", "--steps", "3", "--depth", "2")
+    assert result.returncode == 0, result.stderr
+    profile = result.stdout.split("grad/mlp.out by layer, last step:")[-1].split()
+    assert len(profile) == 2, result.stdout
+
+
+def test_lightning_example_runs(tmp_path):
+    pytest.importorskip("lightning")
+    result = run_example("lightning_loop.py", "--steps", "3", "--depth", "2", "--accumulate", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "optimizer steps recorded: 3" in result.stdout
+    assert "grad/mlp.out by layer, last step:" in result.stdout
+    assert list(tmp_path.iterdir()) == [], "the example wrote files into the working directory"
