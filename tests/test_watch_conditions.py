@@ -246,3 +246,27 @@ def test_exception_in_step_loop_removes_hooks():
             raise ValueError("user code failed")
     assert no_hooks_left(model)
     assert not optimizer._optimizer_step_post_hooks
+
+
+def test_log_dir_and_store_sinks(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from stabiliscope.sinks.store import RunStore
+
+    model = make_model(depth=2)
+    x, y = make_batch()
+    with watch(model, name="my-run", log_dir=tmp_path / "tb", store=tmp_path / "runs.sqlite") as w:
+        for _ in range(2):
+            _, loss = model(x, y)
+            loss.backward()
+            w.step(loss)
+            model.zero_grad()
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert len(events.Scalars("loss")) == 2
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        run = store.get_run("my-run")
+        assert run.status == "completed"
+        assert run.depth == 2
+        assert store.block_profile("my-run", "grad/mlp.out", 1) == pytest.approx(w.records[1].blocks["grad/mlp.out"])

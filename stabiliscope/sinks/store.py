@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import sqlite3
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -537,3 +538,51 @@ def _json_float(value: float) -> float | str:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class WatchStoreSink(StoreSink):
+    """StoreSink that owns its SQLite file: one run of a user's own training loop.
+
+    On creation it opens (or creates) the store at `path` and begins `run_id`,
+    replacing an earlier run of that name. The `strategy` column receives
+    `model_name` (the model's class name), and `width` is 0 when the caller
+    does not know it. `close()` marks the run completed with the last recorded
+    loss and the spike count, then closes the store.
+    """
+
+    def __init__(self, path: str | Path, run_id: str, *, model_name: str, depth: int, width: int = 0) -> None:
+        store = RunStore(path)
+        super().__init__(store, run_id)
+        self._started = time.perf_counter()
+        self._last_loss = math.nan
+        self._spike_count = 0
+        store.begin_run(
+            run_id,
+            {"model": model_name, "source": "watch"},
+            strategy=model_name,
+            depth=depth,
+            width=width,
+            seed=0,
+        )
+
+    def write(self, records: list[StepRecord], spikes: list[SpikeEvent]) -> None:
+        super().write(records, spikes)
+        if records:
+            self._last_loss = records[-1].scalars.get("loss", math.nan)
+        self._spike_count += len(spikes)
+
+    def close(self) -> None:
+        if self.store is None:
+            return
+        self.store.finish_run(
+            self.run_id,
+            status="completed",
+            diverged_step=None,
+            final_train_loss=self._last_loss,
+            final_val_loss=None,
+            spike_count=self._spike_count,
+            wall_time_s=time.perf_counter() - self._started,
+            tokens_per_s=math.nan,
+        )
+        self.store.close()
+        self.store = None

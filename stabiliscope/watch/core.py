@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -61,7 +62,9 @@ class Watch:
     rate; that record is emitted after the optimizer step.
 
     Records stay in `records` (unless `keep_records=False`) and go to each
-    sink in `sinks` at every flush.
+    sink in `sinks` at every flush. `log_dir` adds a TensorBoard sink writing
+    into that folder; `store` adds a SQLite run store at that file path, with
+    the run named `name`.
     """
 
     def __init__(
@@ -72,6 +75,8 @@ class Watch:
         name: str = "model",
         every: int = 1,
         sinks: Sequence[Sink] = (),
+        log_dir: str | os.PathLike | None = None,
+        store: str | os.PathLike | None = None,
         scaler: torch.amp.GradScaler | None = None,
         mapping=None,
         spike_window: int = 64,
@@ -93,6 +98,7 @@ class Watch:
         self.spikes: list[SpikeEvent] = []
         self.first_nonfinite: NonfiniteEvent | None = None
 
+        self._sink_paths = (log_dir, store)
         self._spike_settings = (spike_window, spike_threshold, spike_min_history)
         self._handles: list = []
         self._captures: list[tuple[nn.Module, bool]] = []
@@ -126,6 +132,7 @@ class Watch:
 
         self._allocate()
         try:
+            self._open_sinks()
             self._register_hooks()
         except BaseException:
             self._remove_hooks()
@@ -198,6 +205,19 @@ class Watch:
         self._pending_update: tuple[int, torch.Tensor] | None = None
         window, threshold, min_history = self._spike_settings
         self._spikes = SpikeDetector(len(SPIKE_METRICS), window, threshold, min_history, device)
+
+    def _open_sinks(self) -> None:
+        log_dir, store = self._sink_paths
+        self._sink_paths = (None, None)
+        if log_dir is not None:
+            from stabiliscope.sinks.tensorboard import TensorBoardSink
+
+            self.sinks.append(TensorBoardSink(log_dir))
+        if store is not None:
+            from stabiliscope.sinks.store import WatchStoreSink
+
+            model_name = type(self.model_map.blocks[0].module).__name__
+            self.sinks.append(WatchStoreSink(store, self.name, model_name=model_name, depth=self.depth))
 
     def _fresh_interval(self) -> torch.Tensor:
         return torch.tensor([-math.inf, math.inf, -math.inf, math.inf], device=self._device)
@@ -607,6 +627,6 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **op
     """Attach a `Watch` to `model` and return it; use it as a context manager to detach.
 
     `options` are the keyword arguments of `Watch` (`name`, `every`, `sinks`,
-    `scaler`, `mapping`, spike settings, `keep_records`).
+    `log_dir`, `store`, `scaler`, `mapping`, spike settings, `keep_records`).
     """
     return Watch(model, optimizer, **options).attach()
