@@ -295,6 +295,8 @@ class Watch:
     def _recording(self, module: nn.Module) -> bool:
         # A forward run by autograd during backward is an activation
         # checkpointing recomputation; its statistics were taken already.
+        # NOTE: reentrant checkpointing runs the first forward under no_grad,
+        # so its blocks get no forward statistics at all.
         return (
             module.training
             and torch.is_grad_enabled()
