@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 
 from stabiliscope.watch.records import Sink, SpikeEvent, StepRecord
@@ -109,12 +110,17 @@ class TensorBoardSink(Sink):
         self._writer = None
 
     def _write_record(self, writer: SummaryWriter, record: StepRecord) -> None:
-        for metric, value in record.scalars.items():
-            writer.add_scalar(metric, float(value), record.step)
-        for metric, values in record.blocks.items():
-            depth = len(values)
-            for block, value in enumerate(values):
-                writer.add_scalar(block_tag(metric, block, depth), float(value), record.step)
+        # One event holds every value of the step: per-value add_scalar calls
+        # would each build and write an event of their own, which costs about
+        # 0.1 ms per value (hundreds per step on a deep model).
+        values = [Summary.Value(tag=metric, simple_value=float(value)) for metric, value in record.scalars.items()]
+        for metric, per_block in record.blocks.items():
+            depth = len(per_block)
+            values.extend(
+                Summary.Value(tag=block_tag(metric, block, depth), simple_value=float(value))
+                for block, value in enumerate(per_block)
+            )
+        writer._get_file_writer().add_summary(Summary(value=values), record.step)
 
     def _write_profile(self, writer: SummaryWriter, phase: str, record: StepRecord) -> None:
         for metric in self.profile_metrics:

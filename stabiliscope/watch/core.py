@@ -177,6 +177,7 @@ class Watch:
             offsets[id(param)] = offset
             offset += param.numel()
         self._role_offsets = offsets
+        self._plan_update_segments()
 
         def index_tensor(values: Iterable[int]) -> torch.Tensor:
             return torch.tensor(list(values), dtype=torch.long, device=device)
@@ -188,12 +189,13 @@ class Watch:
         self._slice_sq: list[torch.Tensor | None] = [None] * len(self._slices)
         self._zero = torch.zeros((), device=device)
 
-        positions = len(POSITIONS)
-        self._act = torch.zeros(3, positions, depth, device=device)  # sum of squares, absmax, non-finite
-        self._act_elements = np.zeros((positions, depth), dtype=np.int64)
+        # Hooks append 0-d results to these lists; `_stage` reduces them into
+        # per-(position, block) values with a few batched kernels.
+        self._act_pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._stream_pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._attn_pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._act_elements = np.zeros((len(POSITIONS), depth), dtype=np.int64)
         self._pre_is_previous_post = np.zeros(depth, dtype=bool)
-        self._stream_grad = torch.zeros(2, depth, device=device)  # sum of squares, non-finite
-        self._attn = torch.zeros(2, depth, device=device)  # logit max, entropy sum
         self._attn_rows = np.zeros(depth, dtype=np.int64)
         self._last_output: tuple[int, torch.Tensor] | None = None
         self._interval = self._fresh_interval()
@@ -307,10 +309,10 @@ class Watch:
     def _measure(self, position: int, block: int, tensor: torch.Tensor) -> None:
         with torch.no_grad():
             values = tensor.detach()
-            column = self._act[:, position, block]
-            column[0].add_(stats.sum_of_squares(values))
-            column[1].copy_(torch.fmax(column[1], stats.abs_max(values)))
-            column[2].add_(stats.nonfinite_count(values))
+            slot = position * self.depth + block
+            self._act_pending.append(
+                (slot, stats.sum_of_squares(values), stats.abs_max(values), stats.nonfinite_count(values))
+            )
         self._act_elements[position, block] += values.numel()
 
     def _resid_pre_hook(self, block: int):
@@ -370,8 +372,7 @@ class Watch:
                 inverse = self._inverse_scale_squared()
                 if inverse is not None:
                     grad_sq = grad_sq * inverse
-                self._stream_grad[0, block].add_(grad_sq)
-                self._stream_grad[1, block].add_(stats.nonfinite_count(grad))
+                self._stream_pending.append((block, grad_sq, stats.nonfinite_count(grad)))
 
         return hook
 
@@ -381,12 +382,13 @@ class Watch:
             module.captured_qk = None
             if captured is None or not self._recording(module):
                 return
-            q, k = captured
+            # The first sequence of the micro-batch stands for the batch: the
+            # full (B, heads, T, T) logits would cost as much as the attention.
+            q, k = captured[0][:1], captured[1][:1]
             with torch.no_grad():
                 logit_max, entropy = stats.attention_stats(q, k)
-                self._attn[0, block].copy_(torch.fmax(self._attn[0, block], logit_max))
-                self._attn[1, block].add_(entropy)
-            self._attn_rows[block] += q.shape[0] * q.shape[1] * q.shape[2]
+            self._attn_pending.append((block, logit_max, entropy))
+            self._attn_rows[block] += q.shape[1] * q.shape[2]
 
         return hook
 
@@ -418,18 +420,59 @@ class Watch:
     def _flat_role_params(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1).float() for p in self._role_params])
 
+    def _plan_update_segments(self) -> None:
+        """Precompute how each role slice maps onto the flattened role parameters.
+
+        A whole parameter, or rows of an `nn.Linear` weight (dim 0), is one
+        contiguous segment of the flat vector. The flat vector is cut at every
+        segment boundary, so one `_foreach_norm` over the pieces yields every
+        segment's norm. Column slices (dim 1, GPT-2's Conv1D) are not
+        contiguous and are taken as views, one by one.
+        """
+        segments: dict[int, tuple[int, int]] = {}
+        self._column_slices: list[int] = []
+        for slice_index, (_, part) in enumerate(self._slices):
+            offset = self._role_offsets[id(part.param)]
+            if part.dim is None:
+                segments[slice_index] = (offset, offset + part.param.numel())
+            elif part.dim == 0:
+                row = part.param[0].numel() if part.param.dim() > 1 else 1
+                segments[slice_index] = (offset + part.start * row, offset + part.stop * row)
+            else:
+                self._column_slices.append(slice_index)
+
+        total = sum(p.numel() for p in self._role_params)
+        cuts = sorted({0, total, *(edge for segment in segments.values() for edge in segment)})
+        self._piece_sizes = [end - start for start, end in zip(cuts, cuts[1:])]
+        piece_at = {start: index for index, start in enumerate(cuts[:-1])}
+        # Each segment is a run of consecutive pieces; most are exactly one.
+        segment_pieces = {
+            slice_index: (piece_at[start], piece_at[start] + cuts[cuts.index(start) :].index(end))
+            for slice_index, (start, end) in segments.items()
+        }
+        # Column slices get (0, 0), an empty run, and are filled in separately.
+        runs = [segment_pieces.get(i, (0, 0)) for i in range(len(self._slices))]
+        self._segment_first = torch.tensor([first for first, _ in runs], dtype=torch.long, device=self._device)
+        self._segment_last = torch.tensor([last for _, last in runs], dtype=torch.long, device=self._device)
+
+    def _slice_norms_squared(self, flat: torch.Tensor) -> torch.Tensor:
+        """Return the squared Frobenius norm of every role slice of `flat`, in `_slices` order."""
+        piece_sq = torch.stack(torch._foreach_norm(list(flat.split(self._piece_sizes)))).square()
+        cumulative = torch.cat([piece_sq.new_zeros(1), piece_sq.cumsum(0)])
+
+        result = cumulative[self._segment_last] - cumulative[self._segment_first]
+
+        for slice_index in self._column_slices:
+            part = self._slices[slice_index][1]
+            offset = self._role_offsets[id(part.param)]
+            view = flat[offset : offset + part.param.numel()].view(part.param.shape)
+            result[slice_index] = stats.sum_of_squares(part.select(view))
+        return result
+
     def _update_ratios(self, before: torch.Tensor) -> torch.Tensor:
         """Return ||W_after - W_before||_F / ||W_before||_F per (block, role), flattened."""
-        change = self._flat_role_params() - before
-        change_views, before_views = [], []
-        for _, part in self._slices:
-            offset = self._role_offsets[id(part.param)]
-            shape, numel = part.param.shape, part.param.numel()
-            change_views.append(part.select(change[offset : offset + numel].view(shape)))
-            before_views.append(part.select(before[offset : offset + numel].view(shape)))
-
-        change_sq = torch.stack(torch._foreach_norm(change_views)).square()
-        before_sq = torch.stack(torch._foreach_norm(before_views)).square()
+        change_sq = self._slice_norms_squared(self._flat_role_params() - before)
+        before_sq = self._slice_norms_squared(before)
         size = self.depth * len(self.roles)
         role_change = torch.zeros(size, device=self._device).index_add_(0, self._slice_target, change_sq)
         role_before = torch.zeros(size, device=self._device).index_add_(0, self._slice_target, before_sq)
@@ -502,10 +545,18 @@ class Watch:
         block_sq = torch.zeros(depth, device=self._device)
         block_sq.index_add_(0, self._in_block_target, grad_sq[self._in_block])
 
-        aliased = np.flatnonzero(self._pre_is_previous_post)
-        if aliased.size:
-            self._act[:, RESID_PRE, aliased] = self._act[:, RESID_POST, aliased - 1]
-            self._act_elements[RESID_PRE, aliased] = self._act_elements[RESID_POST, aliased - 1]
+        act = self._reduce_activations()
+        stream = torch.zeros(2, depth, dtype=torch.float64, device=self._device)
+        if self._stream_pending:
+            blocks = torch.tensor([b for b, _, _ in self._stream_pending], device=self._device)
+            stream[0].index_add_(0, blocks, torch.stack([sq for _, sq, _ in self._stream_pending]).double())
+            stream[1].index_add_(0, blocks, torch.stack([n for _, _, n in self._stream_pending]))
+        attn = torch.zeros(2, depth, dtype=torch.float64, device=self._device)
+        if self._attn_pending:
+            blocks = torch.tensor([b for b, _, _ in self._attn_pending], device=self._device)
+            logit_max = torch.stack([m for _, m, _ in self._attn_pending]).double()
+            attn[0].scatter_reduce_(0, blocks, logit_max, reduce="amax")
+            attn[1].index_add_(0, blocks, torch.stack([e for _, _, e in self._attn_pending]).double())
 
         parts = [
             scalars,
@@ -513,9 +564,9 @@ class Watch:
             self._first_bad,
             role_sq.sqrt(),
             block_sq.sqrt(),
-            self._stream_grad.flatten().clone(),
-            self._act.flatten().clone(),
-            self._attn.flatten().clone(),
+            stream.flatten(),
+            act.flatten(),
+            attn.flatten(),
         ]
         counts = HostCounts(
             act_elements=self._act_elements.copy(),
@@ -530,12 +581,29 @@ class Watch:
         self._pending_update = None
         self._reset_interval()
 
+    def _reduce_activations(self) -> torch.Tensor:
+        """Return (3, positions, blocks): summed squares, max |x| and non-finite counts, float64."""
+        depth = self.depth
+        act = torch.zeros(3, len(POSITIONS) * depth, dtype=torch.float64, device=self._device)
+        if self._act_pending:
+            slots = torch.tensor([slot for slot, _, _, _ in self._act_pending], device=self._device)
+            act[0].index_add_(0, slots, torch.stack([sq for _, sq, _, _ in self._act_pending]).double())
+            act[1].scatter_reduce_(0, slots, torch.stack([m for _, _, m, _ in self._act_pending]).double(), "amax")
+            act[2].index_add_(0, slots, torch.stack([n for _, _, _, n in self._act_pending]))
+        act = act.view(3, len(POSITIONS), depth)
+
+        aliased = np.flatnonzero(self._pre_is_previous_post)
+        if aliased.size:
+            act[:, RESID_PRE, aliased] = act[:, RESID_POST, aliased - 1]
+            self._act_elements[RESID_PRE, aliased] = self._act_elements[RESID_POST, aliased - 1]
+        return act
+
     def _reset_interval(self) -> None:
         self._pending_spikes = []
         self._interval = self._fresh_interval()
-        self._stream_grad.zero_()
-        self._act.zero_()
-        self._attn.zero_()
+        self._act_pending = []
+        self._stream_pending = []
+        self._attn_pending = []
         self._act_elements[:] = 0
         self._attn_rows[:] = 0
         self._pre_is_previous_post[:] = False
@@ -548,7 +616,8 @@ class Watch:
             parts.append(staged.update)
             staged.counts.has_update = True
         parts.append(staged.spikes)
-        host = torch.cat(parts).cpu().numpy().astype(np.float64)  # the one device-to-host copy
+        packed = torch.cat([part.double() for part in parts])
+        host = packed.cpu().numpy()  # the one device-to-host copy
 
         lr = float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else None
         record, spikes, nonfinite = self._layout.unpack(staged.step, host, staged.counts, self.every, lr)
