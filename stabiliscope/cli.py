@@ -26,6 +26,7 @@ from stabiliscope.errors import ConfigError
 from stabiliscope.experiments.summary import render_table, summarize, to_csv, to_json
 from stabiliscope.experiments.sweep import TB_FOLDER, SweepConfig, run_sweep
 from stabiliscope.models import FFN_TYPES, INITS, NORM_TYPES, STRATEGIES
+from stabiliscope.models.strategies import STRATEGY_ALIASES
 from stabiliscope.sinks.console import RichSweepReporter
 from stabiliscope.sinks.store import STORE_FILENAME, RunStore
 from stabiliscope.sinks.tensorboard import TensorBoardServer
@@ -44,7 +45,7 @@ DEFAULT_BATCH_SIZE = 16
 DEFAULT_SEQ_LEN = 64
 DEFAULT_LR = 3e-3
 DEFAULT_WARMUP = 15
-DEFAULT_INIT = "megatron"
+DEFAULT_INIT = "auto"
 DEFAULT_NORM_TYPE = "rms"
 DEFAULT_FFN = "swiglu"
 DEFAULT_OUT = "runs/sweep"
@@ -162,7 +163,7 @@ class StrategyListType(click.ParamType):
         known = ", ".join(STRATEGIES)
         names: list[str] = []
         for item in str(value).split(","):
-            item = item.strip()
+            item = STRATEGY_ALIASES.get(item.strip(), item.strip())
             if item not in STRATEGIES:
                 self.fail(f"{item!r} is not a known norm strategy (known: {known}).", param, ctx)
             if item in names:
@@ -310,10 +311,11 @@ def main(verbose: int) -> None:
 )
 @click.option(
     "--init",
-    type=click.Choice(INITS),
+    type=click.Choice(("auto", *INITS)),
     default=DEFAULT_INIT,
     show_default=True,
-    help="Weight initialization scheme.",
+    help="Weight initialization scheme; auto takes each strategy's default "
+    "(deepnet for deepnorm, megatron for the others).",
 )
 @click.option(
     "--norm-type",

@@ -54,7 +54,7 @@ BAD_SWEEP_OPTIONS = [
     (["--depths", "2,0"], "'0' is not a positive integer"),
     (["--depths", "4,4"], "'4' is listed more than once"),
     (["--seeds", "0,-1"], "'-1' is not a non-negative integer"),
-    (["--norms", "pre,sandwich"], "'sandwich' is not a known norm strategy (known: "),
+    (["--norms", "pre,prenorm"], "'prenorm' is not a known norm strategy (known: "),
     (["--width", "30", "--heads", "4"], "width 30 is not divisible by heads 4"),
     (["--width", "0"], "Invalid value for '--width': 0 is not in the range x>=1"),
     (["--heads", "-2"], "Invalid value for '--heads': -2"),

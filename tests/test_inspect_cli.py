@@ -178,7 +178,7 @@ BAD_TARGETS = [
     (["hf-gpt2", "--strategy", "pre"], "--strategy applies to the reference model only, not to model 'hf-gpt2'"),
     (["python:json:loads", "--depth", "3"], "--depth applies to the built-in models only"),
     (["reference", "--width", "30"], "width 30 is not divisible by heads 4"),
-    (["reference", "--strategy", "sandwich"], "Invalid value for '--strategy': 'sandwich' is not one of"),
+    (["reference", "--strategy", "prenorm"], "Invalid value for '--strategy': 'prenorm' is not one of"),
 ]
 
 

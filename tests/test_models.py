@@ -25,7 +25,7 @@ def tiny_model(strategy: str, **overrides) -> torch.nn.Module:
     # Non-trivial gains and biases, so a norm applied at the wrong place shows.
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.dim() == 1:
+            if param.dim() == 1 and not name.endswith(".scale"):
                 param.uniform_(0.5, 1.5)
     return model
 
@@ -50,16 +50,63 @@ def expected_hybrid(block, x):
     return z + block.mlp(z)
 
 
+def expected_peri(block, x):
+    y = x + block.norm_attn_out(block.attn(block.norm_attn_in(x)))
+    return y + block.norm_mlp_out(block.mlp(block.norm_mlp_in(y)))
+
+
+def expected_deepnorm(block, x):
+    a = (2 * DEPTH) ** 0.25
+    y = block.norm_mid(a * x + block.attn(x))
+    return block.norm_post(a * y + block.mlp(y))
+
+
+def expected_lns(layer):
+    def expected(block, x):
+        shrink = 1 / math.sqrt(layer + 1)
+        y = x + block.attn(block.norm_attn_in(x) * shrink)
+        return y + block.mlp(block.norm_mlp_in(y) * shrink)
+
+    return expected
+
+
+def expected_dyt(block, x):
+    def dyt(norm, h):
+        return norm.weight * torch.tanh(norm.scale * h) + norm.bias
+
+    y = x + block.attn(dyt(block.norm_attn_in, x))
+    return y + block.mlp(dyt(block.norm_mlp_in, y))
+
+
 WIRING = {
     "pre": lambda layer: expected_pre,
     "pre_qk": lambda layer: expected_pre,
+    "pre_qkv": lambda layer: expected_pre,
     "post": lambda layer: expected_post,
     "hybrid": lambda layer: expected_hybrid,
     "hybrid_star": lambda layer: expected_pre if layer == 0 else expected_hybrid,
+    # floor(0.25 * 4) = 1: block 0 is Post-Norm, blocks 1-3 Pre-Norm.
+    "mix": lambda layer: expected_post if layer < 1 else expected_pre,
+    "peri": lambda layer: expected_peri,
+    "deepnorm": lambda layer: expected_deepnorm,
+    "lns": expected_lns,
+    "dyt": lambda layer: expected_dyt,
 }
 
-HEAD_NORM = {"pre": "none", "pre_qk": "qk", "post": "none", "hybrid": "qkv", "hybrid_star": "qkv"}
-FINAL_NORM = {"pre": True, "pre_qk": True, "post": False, "hybrid": True, "hybrid_star": True}
+HEAD_NORM = {
+    "pre": "none",
+    "pre_qk": "qk",
+    "pre_qkv": "qkv",
+    "post": "none",
+    "hybrid": "qkv",
+    "hybrid_star": "qkv",
+    "mix": "none",
+    "peri": "none",
+    "deepnorm": "none",
+    "lns": "none",
+    "dyt": "none",
+}
+FINAL_NORM = {name: name not in ("post", "deepnorm") for name in HEAD_NORM}
 
 
 @pytest.mark.parametrize("strategy", sorted(WIRING))
@@ -72,7 +119,44 @@ def test_block_matches_equation(strategy):
 
 
 def test_wiring_covers_registry():
-    assert set(WIRING) <= set(STRATEGIES)
+    assert set(WIRING) == set(STRATEGIES)
+
+
+def test_sandwich_is_peri():
+    from stabiliscope.models import get_strategy
+
+    assert get_strategy("sandwich") is get_strategy("peri")
+
+
+def test_mix_switches_at_a_quarter():
+    model = tiny_model("mix", depth=8)
+    kinds = ["post" if block.norm_post is not None else "pre" for block in model.blocks]
+    assert kinds == ["post", "post"] + ["pre"] * 6
+
+
+def test_mix_shallow_is_all_pre():
+    model = tiny_model("mix", depth=3)
+    assert all(block.norm_attn_in is not None for block in model.blocks)
+
+
+def test_deepnet_init_gains():
+    depth, width = 6, 64
+    model = build_model(ModelConfig(depth=depth, width=width, heads=4, strategy="deepnorm"))
+    assert model.config.resolved_init == "deepnet"
+    beta = (8 * depth) ** -0.25
+    v = torch.cat([b.attn.v.weight.flatten() for b in model.blocks])
+    q = torch.cat([b.attn.q.weight.flatten() for b in model.blocks])
+    assert v.std().item() == pytest.approx(beta * math.sqrt(2 / (2 * width)), rel=0.05)
+    assert q.std().item() == pytest.approx(math.sqrt(2 / (2 * width)), rel=0.05)
+
+
+def test_dyt_replaces_every_norm():
+    model = tiny_model("dyt")
+    from stabiliscope.models.norms import DynamicTanh
+
+    assert isinstance(model.norm_final, DynamicTanh)
+    assert isinstance(model.blocks[0].norm_mlp_in, DynamicTanh)
+    assert model.blocks[0].norm_attn_in.scale.item() == 0.5
 
 
 @pytest.mark.parametrize("strategy", sorted(WIRING))

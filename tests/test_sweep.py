@@ -99,7 +99,7 @@ def test_grid_order_depth_norm_seed(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"norms": ["pre", "sandwich"]}, "'sandwich'"),
+        ({"norms": ["pre", "prenorm"]}, "'prenorm'"),
         ({"norms": []}, "norms is empty"),
         ({"depths": [2, 0]}, "depths must contain only positive integers, got 0"),
         ({"depths": [2, 2]}, "depths lists 2 more than once"),

@@ -33,7 +33,7 @@ from stabiliscope.data import (
     load_corpus,
 )
 from stabiliscope.errors import ConfigError
-from stabiliscope.models import FFN_TYPES, INITS, NORM_TYPES, STRATEGIES, ModelConfig
+from stabiliscope.models import FFN_TYPES, INITS, NORM_TYPES, STRATEGIES, ModelConfig, get_strategy
 from stabiliscope.sinks.store import SWEEP_CONFIG_KEY, RunRow, RunStore, StoreSink
 from stabiliscope.sinks.tensorboard import TensorBoardSink
 from stabiliscope.train import TrainConfig, check_device, train
@@ -65,7 +65,7 @@ class SweepConfig:
     lr: float
     warmup: int
     seeds: list[int] = field(default_factory=lambda: [0])
-    init: str = "megatron"
+    init: str = "auto"  # "auto": each strategy's default (deepnet for deepnorm, else megatron)
     data: Path | None = None
     out: Path = Path("runs/sweep")
     device: str = "cpu"
@@ -94,7 +94,7 @@ class SweepConfig:
                 f"width {self.width} is not divisible by heads {self.heads}; "
                 "use a width that is a multiple of the number of heads"
             )
-        _check_choice("init", self.init, tuple(INITS))
+        _check_choice("init", self.init, ("auto", *INITS))
         _check_choice("norm", self.norm, tuple(NORM_TYPES))
         _check_choice("ffn", self.ffn, tuple(FFN_TYPES))
         check_device(self.device)
@@ -204,7 +204,7 @@ def point_configs(
         strategy=point.strategy,
         norm=config.norm,
         ffn=config.ffn,
-        init=config.init,
+        init=get_strategy(point.strategy).default_init if config.init == "auto" else config.init,
         vocab_size=vocab_size,
         max_seq_len=config.seq_len,
     )

@@ -23,7 +23,9 @@ class ModelConfig:
     strategy: str = "pre"
     norm: str = "rms"  # "rms" or "layer"
     ffn: str = "swiglu"  # "swiglu", "gelu" or "relu"
-    init: str = "megatron"  # the HybridNorm paper's setting
+    # "auto" takes the strategy's default: "deepnet" for deepnorm, otherwise
+    # "megatron", the HybridNorm paper's setting.
+    init: str = "auto"
     vocab_size: int = 256  # byte-level tokens
     max_seq_len: int = 256  # length of the precomputed rotary table
     # "default" keeps the embedding at its init scale; "sqrt_d" rescales it so
@@ -33,6 +35,16 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.width // self.heads
+
+    @property
+    def resolved_init(self) -> str:
+        """The init scheme actually used: `init`, or the strategy's default for "auto"."""
+        return get_strategy(self.strategy).default_init if self.init == "auto" else self.init
+
+    @property
+    def resolved_norm(self) -> str:
+        """The norm actually used: the strategy's replacement (DyT) or `norm`."""
+        return get_strategy(self.strategy).norm_type or self.norm
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid field and what is accepted."""
@@ -49,7 +61,7 @@ class ModelConfig:
         get_strategy(self.strategy)
         _check_choice("norm", self.norm, NORM_TYPES)
         _check_choice("ffn", self.ffn, FFN_TYPES)
-        _check_choice("init", self.init, tuple(INITS))
+        _check_choice("init", self.init, ("auto", *INITS))
         _check_choice("embed_scale", self.embed_scale, EMBED_SCALES)
 
     def to_dict(self) -> dict:

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from stabiliscope.models.strategies import deepnorm_beta
+
 
 def _is_output_projection(name: str) -> bool:
     return name.endswith("attn.o.weight") or name.endswith("mlp.fc_out.weight")
@@ -51,11 +53,25 @@ def init_xavier(name: str, tensor: torch.Tensor, width: int, depth: int) -> None
     nn.init.xavier_normal_(tensor)
 
 
+DEEPNET_SCALED = ("attn.v.weight", "attn.o.weight", "mlp.fc_in.weight", "mlp.fc_gate.weight", "mlp.fc_out.weight")
+
+
+def _is_deepnet_scaled(name: str) -> bool:
+    return name.endswith(DEEPNET_SCALED)
+
+
+def init_deepnet(name: str, tensor: torch.Tensor, width: int, depth: int) -> None:
+    """Xavier-normal, with gain b = (8L)^(-1/4) on W_V, W_O and the FFN (Wang et al. 2022, DeepNet)."""
+    gain = deepnorm_beta(depth) if _is_deepnet_scaled(name) else 1.0
+    nn.init.xavier_normal_(tensor, gain=gain)
+
+
 INITS = {
     "normal": init_normal,
     "gpt2": init_gpt2,
     "megatron": init_megatron,
     "xavier": init_xavier,
+    "deepnet": init_deepnet,
 }
 
 
@@ -64,12 +80,15 @@ def initialize(model: nn.Module, init: str, width: int, depth: int) -> None:
     """Initialize every parameter of `model` in place with the scheme `init`.
 
     Matrices (2-D parameters, the embedding included) follow the scheme; 1-D
-    parameters are norm gains (set to 1) or norm biases (set to 0).
+    parameters are norm gains (set to 1) or norm biases (set to 0). DyT's
+    scalar `scale` keeps the value its module set.
     """
     scheme = INITS[init]
     for name, param in model.named_parameters():
         if param.dim() >= 2:
             scheme(name, param, width, depth)
+        elif name.endswith(".scale"):
+            continue
         elif name.endswith("bias"):
             param.zero_()
         else:

@@ -13,6 +13,8 @@ from torch.nn import functional as F
 from stabiliscope.errors import ConfigError
 
 NORM_TYPES = ("rms", "layer")
+# Element-wise replacements of a norm that strategies may request.
+NORM_REPLACEMENTS = ("dyt",)
 
 
 class RMSNorm(nn.Module):
@@ -46,10 +48,29 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
+class DynamicTanh(nn.Module):
+    """Dynamic Tanh, `y = g * tanh(s * x) + b` (Zhu et al. 2025, "Transformers without Normalization").
+
+    `s` is one learned scalar, initialized to 0.5 as the paper recommends for
+    non-LLM widths; `g` and `b` are per-feature gain and bias, like LayerNorm's.
+    """
+
+    def __init__(self, dim: int, init_scale: float = 0.5) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((1,), init_scale))
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.scale * x) * self.weight + self.bias
+
+
 def make_norm(norm_type: str, dim: int) -> nn.Module:
-    """Build the norm named `norm_type` ("rms" or "layer") over `dim` features."""
+    """Build the norm named `norm_type` ("rms", "layer" or "dyt") over `dim` features."""
     if norm_type == "rms":
         return RMSNorm(dim)
     if norm_type == "layer":
         return LayerNorm(dim)
+    if norm_type == "dyt":
+        return DynamicTanh(dim)
     raise ConfigError(f"unknown norm type {norm_type!r}; expected one of: {', '.join(NORM_TYPES)}")

@@ -10,6 +10,7 @@ block index, `L` the depth.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -34,6 +35,10 @@ class BlockLayout:
     mlp_out_norm: bool = False
     post_norm: bool = False
     head_norm: str = "none"
+    # DeepNorm's `a`: the residual stream is multiplied by it before each add.
+    residual_scale: float = 1.0
+    # LayerNorm Scaling multiplies the output of each norm in the block by it.
+    norm_output_scale: float = 1.0
 
 
 PRE = BlockLayout(attn_in_norm=True, mlp_in_norm=True)
@@ -47,6 +52,8 @@ class NormStrategy:
 
     `layout(layer, depth)` returns the block layout of block `layer`;
     `final_norm` is True when a norm sits between the last block and the LM head.
+    `norm_type`, when set, replaces the model's norm everywhere (DyT);
+    `default_init` is the init this strategy uses when none is requested.
     """
 
     name: str
@@ -54,6 +61,8 @@ class NormStrategy:
     description: str
     layout: Callable[[int, int], BlockLayout]
     final_norm: bool
+    norm_type: str | None = None
+    default_init: str = "megatron"
 
     def block_layouts(self, depth: int) -> list[BlockLayout]:
         """Return the layout of every block of a model with `depth` blocks."""
@@ -61,6 +70,8 @@ class NormStrategy:
 
 
 STRATEGIES: dict[str, NormStrategy] = {}
+# Other names of registered strategies, accepted wherever a name is.
+STRATEGY_ALIASES: dict[str, str] = {"sandwich": "peri"}
 
 
 def register_strategy(strategy: NormStrategy) -> NormStrategy:
@@ -72,12 +83,29 @@ def register_strategy(strategy: NormStrategy) -> NormStrategy:
 
 
 def get_strategy(name: str) -> NormStrategy:
-    """Look up a strategy by name; raises ConfigError listing the known names."""
+    """Look up a strategy by name or alias; raises ConfigError listing the known names."""
     try:
-        return STRATEGIES[name]
+        return STRATEGIES[STRATEGY_ALIASES.get(name, name)]
     except KeyError:
         known = ", ".join(STRATEGIES)
         raise ConfigError(f"unknown normalization strategy {name!r}; expected one of: {known}") from None
+
+
+MIX_ALPHA = 0.25  # Mix-LN's fraction of Post-Norm blocks (Li et al. 2024)
+
+
+def _mix_layout(layer: int, depth: int) -> BlockLayout:
+    return POST if layer < math.floor(MIX_ALPHA * depth) else PRE
+
+
+def deepnorm_alpha(depth: int) -> float:
+    """DeepNorm's residual multiplier for a decoder-only stack, `a = (2L)^(1/4)` (Wang et al. 2022, Table 1)."""
+    return (2 * depth) ** 0.25
+
+
+def deepnorm_beta(depth: int) -> float:
+    """DeepNorm's init gain for W_V, W_O and the FFN, `b = (8L)^(-1/4)` (Wang et al. 2022, Table 1)."""
+    return (8 * depth) ** -0.25
 
 
 def _hybrid_star_layout(layer: int, depth: int) -> BlockLayout:
@@ -129,5 +157,63 @@ register_strategy(
         description="HybridNorm* (Zhuo et al. 2025): Pre-Norm in both sublayers of the first block",
         layout=_hybrid_star_layout,
         final_norm=True,
+    )
+)
+register_strategy(
+    NormStrategy(
+        name="pre_qkv",
+        equation="y = x + A_qkv(N(x)); x' = y + F(N(y))",
+        description="Pre-Norm with QKV-Norm in attention",
+        layout=lambda layer, depth: replace(PRE, head_norm="qkv"),
+        final_norm=True,
+    )
+)
+register_strategy(
+    NormStrategy(
+        name="mix",
+        equation="l < floor(0.25 L): post; l >= floor(0.25 L): pre",
+        description="Mix-LN (Li et al. 2024): Post-Norm in the first quarter of the blocks, Pre-Norm after",
+        layout=_mix_layout,
+        final_norm=True,
+    )
+)
+register_strategy(
+    NormStrategy(
+        name="peri",
+        equation="y = x + N(A(N(x))); x' = y + N(F(N(y)))",
+        description="Peri-LN (Kim et al. 2025), the same wiring as Sandwich-LN (Ding et al. 2021); alias sandwich",
+        layout=lambda layer, depth: BlockLayout(
+            attn_in_norm=True, attn_out_norm=True, mlp_in_norm=True, mlp_out_norm=True
+        ),
+        final_norm=True,
+    )
+)
+register_strategy(
+    NormStrategy(
+        name="deepnorm",
+        equation="y = N(a*x + A(x)); x' = N(a*y + F(y)); a = (2L)^(1/4)",
+        description="DeepNet (Wang et al. 2022), decoder-only constants; deepnet init by default",
+        layout=lambda layer, depth: replace(POST, residual_scale=deepnorm_alpha(depth)),
+        final_norm=False,
+        default_init="deepnet",
+    )
+)
+register_strategy(
+    NormStrategy(
+        name="lns",
+        equation="pre, each norm output multiplied by 1/sqrt(l+1)",
+        description='LayerNorm Scaling (Sun et al. 2025, "The Curse of Depth")',
+        layout=lambda layer, depth: replace(PRE, norm_output_scale=1.0 / math.sqrt(layer + 1)),
+        final_norm=True,
+    )
+)
+register_strategy(
+    NormStrategy(
+        name="dyt",
+        equation="pre, with N(x) = g * tanh(s*x) + b",
+        description="Dynamic Tanh in place of every norm (Zhu et al. 2025)",
+        layout=lambda layer, depth: PRE,
+        final_norm=True,
+        norm_type="dyt",
     )
 )

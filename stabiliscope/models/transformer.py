@@ -28,13 +28,16 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, layout: BlockLayout) -> None:
         super().__init__()
-        width, norm = config.width, config.norm
+        width, norm = config.width, config.resolved_norm
+        self.residual_scale = layout.residual_scale
+        self.norm_output_scale = layout.norm_output_scale
 
         def optional_norm(enabled: bool) -> nn.Module | None:
             return make_norm(norm, width) if enabled else None
 
         self.norm_attn_in = optional_norm(layout.attn_in_norm)
-        self.attn = CausalSelfAttention(width, config.heads, config.max_seq_len, norm, layout.head_norm)
+        head_norm_type = "rms" if norm == "dyt" else norm
+        self.attn = CausalSelfAttention(width, config.heads, config.max_seq_len, head_norm_type, layout.head_norm)
         self.norm_attn_out = optional_norm(layout.attn_out_norm)
         self.norm_mid = optional_norm(layout.mid_norm)
         self.norm_mlp_in = optional_norm(layout.mlp_in_norm)
@@ -42,16 +45,22 @@ class Block(nn.Module):
         self.norm_mlp_out = optional_norm(layout.mlp_out_norm)
         self.norm_post = optional_norm(layout.post_norm)
 
-    @staticmethod
-    def _maybe_norm(norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-        return x if norm is None else norm(x)
+    def _maybe_norm(self, norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        if norm is None:
+            return x
+        if self.norm_output_scale != 1.0:
+            return norm(x) * self.norm_output_scale
+        return norm(x)
+
+    def _residual(self, stream: torch.Tensor) -> torch.Tensor:
+        return stream if self.residual_scale == 1.0 else stream * self.residual_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn_out = self._maybe_norm(self.norm_attn_out, self.attn(self._maybe_norm(self.norm_attn_in, x)))
-        resid_mid = self._maybe_norm(self.norm_mid, x + attn_out)
+        resid_mid = self._maybe_norm(self.norm_mid, self._residual(x) + attn_out)
 
         mlp_out = self._maybe_norm(self.norm_mlp_out, self.mlp(self._maybe_norm(self.norm_mlp_in, resid_mid)))
-        return self._maybe_norm(self.norm_post, resid_mid + mlp_out)
+        return self._maybe_norm(self.norm_post, self._residual(resid_mid) + mlp_out)
 
 
 class TransformerLM(nn.Module):
@@ -65,10 +74,10 @@ class TransformerLM(nn.Module):
 
         self.tok_emb = nn.Embedding(config.vocab_size, config.width)
         self.blocks = nn.ModuleList(Block(config, layout) for layout in strategy.block_layouts(config.depth))
-        self.norm_final = make_norm(config.norm, config.width) if strategy.final_norm else None
+        self.norm_final = make_norm(config.resolved_norm, config.width) if strategy.final_norm else None
         self.register_buffer("embed_multiplier", torch.ones(()))
 
-        initialize(self, config.init, config.width, config.depth)
+        initialize(self, config.resolved_init, config.width, config.depth)
         if config.embed_scale == "sqrt_d":
             # Scale so that E[||e||^2] = d for a token vector e: divide by the
             # embedding's standard deviation at initialization.
