@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from stabiliscope import __version__
 from stabiliscope.errors import ConfigError
 from stabiliscope.experiments.summary import render_table, summarize, to_csv, to_json
 from stabiliscope.experiments.sweep import TB_FOLDER, SweepConfig, run_sweep
@@ -220,13 +221,14 @@ def _open_existing_store(sweep_dir: Path) -> RunStore:
             f"{str(sweep_dir)!r} contains no run store ({STORE_FILENAME}); "
             "pass a folder written by 'stabiliscope sweep'"
         )
-    return RunStore(store_path)
+    return RunStore(store_path, read_only=True)
 
 
 # Commands
 
 
 @click.group(cls=OneLineErrorGroup, name="stabiliscope")
+@click.version_option(__version__, prog_name="stabiliscope")
 @click.option(
     "-v",
     "--verbose",
@@ -704,3 +706,134 @@ def inspect_model(
     else:
         console.print(f"[bold]{target}[/] ({type(model).__name__})")
         console.print(model_map.describe(), markup=False, highlight=False)
+
+
+# Probes: published claims checked against runs of the reference model
+
+
+PROBE_HUGE_BOUND = 1e20
+"""Magnitude from which an `expect` end is shown as open (the interval is one-sided)."""
+
+
+def _format_probe_number(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _format_expected(low: float, high: float) -> str:
+    if high >= PROBE_HUGE_BOUND and low <= -PROBE_HUGE_BOUND:
+        return "any value"
+    if high >= PROBE_HUGE_BOUND:
+        return f">= {_format_probe_number(low)}"
+    if low <= -PROBE_HUGE_BOUND:
+        return f"<= {_format_probe_number(high)}"
+    return f"[{_format_probe_number(low)}, {_format_probe_number(high)}]"
+
+
+def _format_measured(result: Any) -> str:
+    if result.error is not None:
+        return f"not measured: {result.error}"
+    if result.ci is None:
+        return f"{_format_probe_number(result.mean)} (n={result.n})"
+    half_width = (result.ci[1] - result.ci[0]) / 2
+    return f"{_format_probe_number(result.mean)} ± {_format_probe_number(half_width)} (n={result.n})"
+
+
+def _render_probe_table(probe_result: Any) -> Table:
+    probe = probe_result.probe
+    grid = "reduced grid" if probe_result.reduced else "full grid"
+    table = Table(
+        title=f"{probe.path} ({grid}, {probe_result.wall_time_s:.0f} s)\n{probe.source.citation()}",
+        caption="measured: mean over seeds ± half-width of the 95% confidence interval",
+        show_lines=True,
+    )
+    table.add_column("claim", style="bold")
+    table.add_column("statement", ratio=3)
+    table.add_column("strategy")
+    table.add_column("measured", ratio=1)
+    table.add_column("expected")
+    table.add_column("verdict")
+    for result in probe_result.claims:
+        claim = result.claim
+        strategy = claim.strategy if claim.baseline is None else f"{claim.strategy} / {claim.baseline}"
+        verdict = "[green]PASS[/]" if result.passed else "[red]FAIL[/]"
+        table.add_row(
+            claim.id,
+            claim.statement,
+            strategy,
+            _format_measured(result),
+            _format_expected(*claim.expect),
+            verdict,
+        )
+    return table
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--reduced",
+    is_flag=True,
+    help="Run each file's smaller [reduced] grid (fewer depths, seeds or steps) for a quick check.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of tables.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default="runs/probes",
+    show_default=True,
+    help="Parent folder of the sweep folders: OUT/<file stem>, or OUT/<file stem>-reduced "
+    "with --reduced; rerunning into it skips finished runs.",
+)
+@click.option(
+    "--device",
+    default=DEFAULT_DEVICE,
+    show_default=True,
+    callback=_validate_device,
+    help="Torch device to train on: cpu, cuda or cuda:N.",
+)
+@config_errors_as_usage
+def probe(paths: tuple[Path, ...], reduced: bool, as_json: bool, out: Path, device: str) -> None:
+    """Check published claims: train the grid of each probe file and compare claims with measurements.
+
+    PATHS are probe files (TOML) or folders, whose *.toml files are all read.
+    Every file is validated before any run trains. The exit status is 1 when
+    a claim fails and 2 for invalid input.
+    """
+    import json
+
+    from stabiliscope.experiments.claims import run_probe
+    from stabiliscope.experiments.probes import find_probe_files, load_probe
+
+    probes = [load_probe(path) for path in find_probe_files(list(paths))]
+    stems = [item.name for item in probes]
+    duplicates = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if duplicates:
+        raise ConfigError(
+            f"two probe files share the name {duplicates[0]!r}, so their runs would share "
+            "one sweep folder; rename one of them"
+        )
+
+    console = _console()
+    progress_console = _console(stderr=True)
+    results = []
+    try:
+        for item in probes:
+            folder = item.default_out(reduced=reduced, root=out)
+            with RichSweepReporter(progress_console) as reporter:
+                result = run_probe(item, reduced=reduced, out=folder, device=device, reporter=reporter)
+            results.append(result)
+            if not as_json:
+                console.print(_render_probe_table(result))
+    except KeyboardInterrupt:
+        progress_console.print("Interrupted. Repeat the command to train the unfinished runs.")
+        sys.exit(EXIT_INTERRUPTED)
+
+    if as_json:
+        document = [result.to_dict() for result in results]
+        console.out(json.dumps(document, indent=2), highlight=False)
+    else:
+        passed = sum(1 for result in results for claim in result.claims if claim.passed)
+        total = sum(len(result.claims) for result in results)
+        console.print(f"{passed} of {total} claims passed.")
+
+    if not all(result.passed for result in results):
+        sys.exit(1)

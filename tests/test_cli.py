@@ -367,3 +367,23 @@ def test_sweep_failed_run_exit_code(tmp_path: Path, monkeypatch) -> None:
     assert result.exit_code == 1
     assert "2 run(s) failed: pre-L02-s0, post-L02-s0" in result.stderr
     assert "RuntimeError: simulated failure" in result.stdout
+
+
+def test_version_option() -> None:
+    result = _invoke("--version")
+    assert result.exit_code == 0
+    assert "stabiliscope, version" in result.output
+
+
+def test_report_leaves_foreign_database_untouched(tmp_path: Path) -> None:
+    import sqlite3
+
+    (tmp_path / "sweep").mkdir()
+    path = tmp_path / "sweep" / "store.sqlite"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE other (x INTEGER)")
+    before = path.read_bytes()
+    result = _invoke("report", str(tmp_path / "sweep"))
+    assert result.exit_code == 2
+    assert "not a stabiliscope run store" in result.stderr
+    assert path.read_bytes() == before

@@ -111,7 +111,7 @@ def test_grid_order_depth_norm_seed(tmp_path: Path) -> None:
         ({"init": "orthogonal"}, "unknown init 'orthogonal'"),
         ({"norm": "batch"}, "unknown norm 'batch'"),
         ({"ffn": "moe"}, "unknown ffn 'moe'"),
-        ({"grad_clip": 0.0}, "grad_clip must be a positive finite number"),
+        ({"grad_clip": 0.0}, "grad_clip (--grad-clip) must be a positive finite number"),
         ({"device": "tpu"}, "'tpu'"),
     ],
 )

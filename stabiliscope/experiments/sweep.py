@@ -87,7 +87,7 @@ class SweepConfig:
             math.isfinite(self.grad_clip) and self.grad_clip > 0
         ):
             raise ConfigError(
-                f"grad_clip must be a positive finite number or None (no clipping), got {self.grad_clip!r}"
+                f"grad_clip (--grad-clip) must be a positive finite number, or None (--grad-clip 0) for no clipping; got {self.grad_clip!r}"
             )
         if self.width % self.heads != 0:
             raise ConfigError(

@@ -118,7 +118,7 @@ register_strategy(
     NormStrategy(
         name="post",
         equation="y = N(x + A(x)); x' = N(y + F(y))",
-        description="Post-Norm, the original Transformer (Xiong et al. 2020, Post-LN)",
+        description="Post-Norm, the original Transformer (Vaswani et al. 2017); Post-LN in Xiong et al. 2020",
         layout=lambda layer, depth: POST,
         final_norm=False,
     )

@@ -123,7 +123,7 @@ def describe_outcome(outcome: RunOutcome) -> Text:
         text.append(f" {outcome.status}", style="green")
     text.append(f": train loss {_format_loss(outcome.final_train_loss)}")
     text.append(f", val loss {_format_loss(outcome.final_val_loss)}")
-    text.append(f", {outcome.spike_count} spikes")
+    text.append(f", {outcome.spike_count} spike{'' if outcome.spike_count == 1 else 's'}")
     if outcome.wall_time_s is not None:
         text.append(f", {outcome.wall_time_s:.1f} s")
     return text

@@ -134,15 +134,20 @@ class RunStore:
     SQLite database or was written with a newer schema.
     """
 
-    def __init__(self, path: str | Path, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, path: str | Path, *, timeout_s: float = DEFAULT_TIMEOUT_S, read_only: bool = False) -> None:
         self.path = Path(path)
+        self.read_only = read_only
         try:
-            self._connection = sqlite3.connect(self.path, timeout=timeout_s)
+            if read_only:
+                uri = f"{self.path.resolve().as_uri()}?mode=ro"
+                self._connection = sqlite3.connect(uri, timeout=timeout_s, uri=True)
+            else:
+                self._connection = sqlite3.connect(self.path, timeout=timeout_s)
         except sqlite3.Error as error:
             raise ConfigError(f"failed to open run store {str(self.path)!r}: {error}") from error
 
         try:
-            self._initialize()
+            self._check_readable() if read_only else self._initialize()
         except ConfigError:
             self._connection.close()
             raise
@@ -167,6 +172,21 @@ class RunStore:
         folder = Path(sweep_dir)
         folder.mkdir(parents=True, exist_ok=True)
         return cls(folder / STORE_FILENAME, **kwargs)
+
+    def _check_readable(self) -> None:
+        """Check, without writing, that the file is a run store this version can read."""
+        version = self._connection.execute("PRAGMA user_version").fetchone()[0]
+        tables = {row[0] for row in self._connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if version == 0 or not {"runs", "metrics", "events", "meta"} <= tables:
+            raise ConfigError(
+                f"{str(self.path)!r} is not a stabiliscope run store (no runs table); "
+                "pass a folder written by 'stabiliscope sweep'"
+            )
+        if version > SCHEMA_VERSION:
+            raise ConfigError(
+                f"run store {str(self.path)!r} has schema version {version}, but this "
+                f"stabiliscope reads version {SCHEMA_VERSION} at most; upgrade stabiliscope"
+            )
 
     def _initialize(self) -> None:
         connection = self._connection
