@@ -89,6 +89,20 @@ def test_grad_scaler_stream_gradient_unscaled():
     )
 
 
+def test_fp16_autocast_with_scaler_unscaled():
+    x, y = make_batch()
+    model = make_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    captured = {}
+    with watch(model, scaler=scaler) as w:
+        with torch.autocast("cpu", dtype=torch.float16):
+            _, loss = model(x, y)
+        scaler.scale(loss).backward()
+        w.step(loss)
+        captured["total"] = frobenius(p.grad for p in model.parameters()) / 2.0**8
+    assert w.records[0].scalars["grad/total"] == pytest.approx(captured["total"], rel=1e-4)
+
+
 def test_fp16_overflow_step_still_recorded():
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
