@@ -170,14 +170,14 @@ class Watch:
         for slice_index, (param_index, _) in enumerate(self._slices):
             self._slices_of_param.setdefault(param_index, []).append(slice_index)
 
-        # Parameters with a role, flattened back to back for update ratios.
-        self._role_params = [self._params[i] for i in sorted(self._slices_of_param)]
-        offsets, offset = {}, 0
-        for param in self._role_params:
-            offsets[id(param)] = offset
-            offset += param.numel()
-        self._role_offsets = offsets
-        self._plan_update_segments()
+        # Parameters with a role, and each role slice as a view of its
+        # parameter, for update ratios. The weight copies are allocated on the
+        # first optimizer step, so a watch without an optimizer costs no memory.
+        self._role_params = [self._params[i].detach() for i in sorted(self._slices_of_param)]
+        self._role_param_index = {id(self._params[i]): k for k, i in enumerate(sorted(self._slices_of_param))}
+        self._slice_views = [part.select(part.param.detach()) for _, part in self._slices]
+        self._weight_copies: list[torch.Tensor] | None = None
+        self._copy_slice_views: list[torch.Tensor] = []
 
         def index_tensor(values: Iterable[int]) -> torch.Tensor:
             return torch.tensor(list(values), dtype=torch.long, device=device)
@@ -203,7 +203,7 @@ class Watch:
         self._step_value = torch.zeros((), device=device)
         self._pending_spikes: list[tuple[int, torch.Tensor]] = []
         self._staged: _Staged | None = None
-        self._snapshot: tuple[int, torch.Tensor] | None = None
+        self._snapshot: tuple[int, torch.Tensor] | None = None  # (step, squared slice norms before)
         self._pending_update: tuple[int, torch.Tensor] | None = None
         window, threshold, min_history = self._spike_settings
         self._spikes = SpikeDetector(len(SPIKE_METRICS), window, threshold, min_history, device)
@@ -402,77 +402,36 @@ class Watch:
         else:
             return
         with torch.no_grad():
-            self._snapshot = (target, self._flat_role_params())
+            if self._weight_copies is None:
+                self._weight_copies = [torch.empty_like(p) for p in self._role_params]
+                self._copy_slice_views = [
+                    part.select(self._weight_copies[self._role_param_index[id(part.param)]]) for _, part in self._slices
+                ]
+            torch._foreach_copy_(self._weight_copies, self._role_params)
+            before_sq = _stacked_squared_norms(self._slice_views, self._device)
+        self._snapshot = (target, before_sq)
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         if self._snapshot is None:
             return
-        target, before = self._snapshot
+        target, before_sq = self._snapshot
         self._snapshot = None
         with torch.no_grad():
-            ratios = self._update_ratios(before)
+            ratios = self._update_ratios(before_sq)
         if self._staged is not None and self._staged.step == target:
             self._staged.update = ratios
             self._emit()
         else:
             self._pending_update = (target, ratios)
 
-    def _flat_role_params(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1).float() for p in self._role_params])
+    def _update_ratios(self, before_sq: torch.Tensor) -> torch.Tensor:
+        """Return ||W_after - W_before||_F / ||W_before||_F per (block, role), flattened.
 
-    def _plan_update_segments(self) -> None:
-        """Precompute how each role slice maps onto the flattened role parameters.
-
-        A whole parameter, or rows of an `nn.Linear` weight (dim 0), is one
-        contiguous segment of the flat vector. The flat vector is cut at every
-        segment boundary, so one `_foreach_norm` over the pieces yields every
-        segment's norm. Column slices (dim 1, GPT-2's Conv1D) are not
-        contiguous and are taken as views, one by one.
+        The copies taken before the step are overwritten in place with
+        `W_before - W_after`, so no tensor of the model's size is allocated.
         """
-        segments: dict[int, tuple[int, int]] = {}
-        self._column_slices: list[int] = []
-        for slice_index, (_, part) in enumerate(self._slices):
-            offset = self._role_offsets[id(part.param)]
-            if part.dim is None:
-                segments[slice_index] = (offset, offset + part.param.numel())
-            elif part.dim == 0:
-                row = part.param[0].numel() if part.param.dim() > 1 else 1
-                segments[slice_index] = (offset + part.start * row, offset + part.stop * row)
-            else:
-                self._column_slices.append(slice_index)
-
-        total = sum(p.numel() for p in self._role_params)
-        cuts = sorted({0, total, *(edge for segment in segments.values() for edge in segment)})
-        self._piece_sizes = [end - start for start, end in zip(cuts, cuts[1:])]
-        piece_at = {start: index for index, start in enumerate(cuts[:-1])}
-        # Each segment is a run of consecutive pieces; most are exactly one.
-        segment_pieces = {
-            slice_index: (piece_at[start], piece_at[start] + cuts[cuts.index(start) :].index(end))
-            for slice_index, (start, end) in segments.items()
-        }
-        # Column slices get (0, 0), an empty run, and are filled in separately.
-        runs = [segment_pieces.get(i, (0, 0)) for i in range(len(self._slices))]
-        self._segment_first = torch.tensor([first for first, _ in runs], dtype=torch.long, device=self._device)
-        self._segment_last = torch.tensor([last for _, last in runs], dtype=torch.long, device=self._device)
-
-    def _slice_norms_squared(self, flat: torch.Tensor) -> torch.Tensor:
-        """Return the squared Frobenius norm of every role slice of `flat`, in `_slices` order."""
-        piece_sq = torch.stack(torch._foreach_norm(list(flat.split(self._piece_sizes)))).square()
-        cumulative = torch.cat([piece_sq.new_zeros(1), piece_sq.cumsum(0)])
-
-        result = cumulative[self._segment_last] - cumulative[self._segment_first]
-
-        for slice_index in self._column_slices:
-            part = self._slices[slice_index][1]
-            offset = self._role_offsets[id(part.param)]
-            view = flat[offset : offset + part.param.numel()].view(part.param.shape)
-            result[slice_index] = stats.sum_of_squares(part.select(view))
-        return result
-
-    def _update_ratios(self, before: torch.Tensor) -> torch.Tensor:
-        """Return ||W_after - W_before||_F / ||W_before||_F per (block, role), flattened."""
-        change_sq = self._slice_norms_squared(self._flat_role_params() - before)
-        before_sq = self._slice_norms_squared(before)
+        torch._foreach_sub_(self._weight_copies, self._role_params)
+        change_sq = _stacked_squared_norms(self._copy_slice_views, self._device)
         size = self.depth * len(self.roles)
         role_change = torch.zeros(size, device=self._device).index_add_(0, self._slice_target, change_sq)
         role_before = torch.zeros(size, device=self._device).index_add_(0, self._slice_target, before_sq)
@@ -682,6 +641,13 @@ class Watch:
             rows = [r.blocks.get(name, [math.nan] * self.depth) for r in self.records]
             result[name] = np.array(rows, dtype=np.float64).reshape(len(self.records), self.depth)
         return result
+
+
+def _stacked_squared_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Return the squared Frobenius norms of `tensors` as one float32 vector."""
+    if not tensors:
+        return torch.zeros(0, device=device)
+    return torch.stack(torch._foreach_norm(tensors)).float().square()
 
 
 def _first_tensor(args, kwargs) -> torch.Tensor | None:
