@@ -4,8 +4,10 @@ Data flows one way. Forward and backward hooks write into preallocated device
 buffers, and `Watch.step` reduces the parameter gradients and scores spikes on
 the device. On a flush step, everything the step produced is packed into one
 tensor, copied to the host once, turned into a `StepRecord` and passed to the
-sinks. A step that is not a flush step launches kernels but never waits for
-the device.
+sinks. A step that is not a flush step launches kernels and calls no tensor
+method that waits for the device; a CPU test checks this with a torch
+function mode.
+NOTE: no CUDA run has confirmed it with `torch.cuda.set_sync_debug_mode`.
 """
 
 from __future__ import annotations
@@ -54,9 +56,9 @@ class Watch:
     (an AMP `GradScaler`), gradient norms are divided by the loss scale that
     was in force during the backward pass.
 
-    Forward statistics are taken only in training forwards (module in training
-    mode, gradients enabled, not a recomputation inside a backward pass) of
-    flush steps; `no_grad`, eval and activation-checkpointing recomputation
+    Forward statistics are taken only in training forwards of flush steps: the
+    module is in training mode, gradients are enabled, and autograd is not
+    recomputing a checkpointed block. `no_grad`, eval and recomputation
     forwards are ignored. Given the `optimizer`, the watch also records
     `update/<role>` across each flush step's optimizer step and the learning
     rate; that record is emitted after the optimizer step.
