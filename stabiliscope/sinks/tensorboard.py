@@ -110,9 +110,9 @@ class TensorBoardSink(Sink):
         self._writer = None
 
     def _write_record(self, writer: SummaryWriter, record: StepRecord) -> None:
-        # One event holds every value of the step: per-value add_scalar calls
-        # would each build and write an event of their own, which costs about
-        # 0.1 ms per value (hundreds per step on a deep model).
+        # One event contains every value of the step. Per-value add_scalar
+        # calls would each build and write an event of their own, at about
+        # 0.1 ms per value and hundreds of values per step on a deep model.
         values = [Summary.Value(tag=metric, simple_value=float(value)) for metric, value in record.scalars.items()]
         for metric, per_block in record.blocks.items():
             depth = len(per_block)

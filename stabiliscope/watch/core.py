@@ -5,7 +5,7 @@ buffers, and `Watch.step` reduces the parameter gradients and scores spikes on
 the device. On a flush step, everything the step produced is packed into one
 tensor, copied to the host once, turned into a `StepRecord` and passed to the
 sinks. A step that is not a flush step launches kernels and calls no tensor
-method that waits for the device; a CPU test checks this with a torch
+method that waits for the device. A CPU test checks this with a torch
 function mode.
 NOTE: no CUDA run has confirmed it with `torch.cuda.set_sync_debug_mode`.
 """
@@ -59,9 +59,9 @@ class Watch:
     Forward statistics are taken only in training forwards of flush steps: the
     module is in training mode, gradients are enabled, and autograd is not
     recomputing a checkpointed block. `no_grad`, eval and recomputation
-    forwards are ignored. Given the `optimizer`, the watch also records
-    `update/<role>` across each flush step's optimizer step and the learning
-    rate; that record is emitted after the optimizer step.
+    forwards are ignored. Given the `optimizer`, the watch also records the
+    learning rate and `update/<role>` across each flush step's optimizer
+    step. That record is emitted after the optimizer step.
 
     Records stay in `records` (unless `keep_records=False`) and go to each
     sink in `sinks` at every flush. `log_dir` adds a TensorBoard sink writing

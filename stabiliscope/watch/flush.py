@@ -35,14 +35,18 @@ class HostCounts:
 class FlushLayout:
     """Sizes of the parts of a packed flush tensor, in packing order.
 
-    Parts: 2 scalars (loss, grad/total); 4 interval extremes (loss max, loss
-    min, grad/total max, grad/total min); 2 values for the first non-finite
-    scalar (step, code), -1 when none; role gradient norms (blocks x roles);
-    block gradient norms; stream gradient sum of squares and non-finite
-    count (2 x blocks); activation sum of squares, max absolute value and
-    non-finite count (3 x positions x blocks); attention logit max and entropy
-    sum (2 x blocks); update ratios (blocks x roles, only when the optimizer
-    step was seen); spike scores (steps x 2 metrics x 3).
+    Parts, in order:
+
+    - 2 scalars: loss, grad/total;
+    - 4 interval extremes: loss max and min, grad/total max and min;
+    - the first non-finite scalar as (step, code), -1 when none;
+    - role gradient norms (blocks x roles) and block gradient norms;
+    - stream gradient sum of squares and non-finite count (2 x blocks);
+    - activation sum of squares, max |x| and non-finite count
+      (3 x positions x blocks);
+    - attention logit max and entropy sum (2 x blocks);
+    - update ratios (blocks x roles), only when the optimizer step was seen;
+    - spike scores (steps x 2 metrics x 3).
     """
 
     depth: int

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 class NonfiniteEvent:
     """The first NaN or Inf a watch saw.
 
-    `position` is a stream position (`resid_pre`, ..., `resid_post`) or, when
-    the value was only seen in a global scalar, `loss` or `grad/total`;
-    `block` is then None. `direction` is "forward" for activations and the
+    `position` is a stream position (`resid_pre`, ..., `resid_post`). When the
+    value was only seen in a global scalar, it is `loss` or `grad/total`, and
+    `block` is None. `direction` is "forward" for activations and the
     loss, "backward" for gradients. `count` is the number of non-finite
     elements at that place in that step (1 for a scalar).
     """
