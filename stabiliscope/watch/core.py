@@ -511,7 +511,7 @@ class Watch:
         if self._stream_pending:
             blocks = torch.tensor([b for b, _, _ in self._stream_pending], device=self._device)
             stream[0].index_add_(0, blocks, torch.stack([sq for _, sq, _ in self._stream_pending]).double())
-            stream[1].index_add_(0, blocks, torch.stack([n for _, _, n in self._stream_pending]))
+            stream[1].index_add_(0, blocks, torch.stack([n for _, _, n in self._stream_pending]).double())
         attn = torch.zeros(2, depth, dtype=torch.float64, device=self._device)
         if self._attn_pending:
             blocks = torch.tensor([b for b, _, _ in self._attn_pending], device=self._device)
@@ -550,7 +550,7 @@ class Watch:
             slots = torch.tensor([slot for slot, _, _, _ in self._act_pending], device=self._device)
             act[0].index_add_(0, slots, torch.stack([sq for _, sq, _, _ in self._act_pending]).double())
             act[1].scatter_reduce_(0, slots, torch.stack([m for _, _, m, _ in self._act_pending]).double(), "amax")
-            act[2].index_add_(0, slots, torch.stack([n for _, _, _, n in self._act_pending]))
+            act[2].index_add_(0, slots, torch.stack([n for _, _, _, n in self._act_pending]).double())
         act = act.view(3, len(POSITIONS), depth)
 
         aliased = np.flatnonzero(self._pre_is_previous_post)

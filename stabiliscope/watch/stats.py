@@ -29,14 +29,15 @@ def abs_max(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def nonfinite_count(tensor: torch.Tensor) -> torch.Tensor:
-    """Return the number of NaN and Inf elements, as a float64 tensor.
+    """Return the number of NaN and Inf elements, as a float32 tensor.
 
     `x * 0` is 0 for a finite element and NaN for NaN or +-Inf, so mapping NaN
     to 1 and summing counts them. On CPU this is several times faster than
-    `count_nonzero(~isfinite(x))`.
+    `count_nonzero(~isfinite(x))`. The float32 sum is exact for counts below
+    2^24 (16.7 million) and rounds larger counts.
     """
     marks = (tensor * 0).nan_to_num_(nan=1.0)
-    return marks.sum(dtype=torch.float64)
+    return marks.sum(dtype=torch.float32)
 
 
 _causal_masks: dict[tuple[int, torch.device], torch.Tensor] = {}
