@@ -1,9 +1,9 @@
 """stabiliscope: training-stability diagnostics for PyTorch transformers.
 
 `watch(model, optimizer)` attaches hooks that record per-block gradient norms,
-activation scales and loss spikes; `stabiliscope.models` holds the reference
-transformer and its normalization strategies; the `stabiliscope` command runs
-depth-scaling sweeps and reports.
+activation scales and loss spikes. `stabiliscope.models` contains the reference
+transformer and its normalization strategies. The `stabiliscope` command runs
+depth-scaling sweeps, reports and probes.
 """
 
 from stabiliscope import watch

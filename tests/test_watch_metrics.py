@@ -183,8 +183,8 @@ def test_nonfinite_backward_located():
 
         output.register_hook(hook)
 
-    # Registered after the watch's hooks, so the watch sees the poisoned
-    # gradient only in blocks below block 1.
+    # Registered after the watch's hooks, so the poisoned gradient reaches
+    # the watch only in the blocks below block 1.
     x, y = make_batch()
     with watch(model) as w:
         model.blocks[1].register_forward_hook(poison_gradient)

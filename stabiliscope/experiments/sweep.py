@@ -33,7 +33,7 @@ from stabiliscope.data import (
     load_corpus,
 )
 from stabiliscope.errors import ConfigError
-from stabiliscope.models import FFN_TYPES, INITS, NORM_TYPES, STRATEGIES, ModelConfig, get_strategy
+from stabiliscope.models import FFN_TYPES, INITS, NORM_TYPES, STRATEGIES, ModelConfig
 from stabiliscope.sinks.store import SWEEP_CONFIG_KEY, RunRow, RunStore, StoreSink
 from stabiliscope.sinks.tensorboard import TensorBoardSink
 from stabiliscope.train import TrainConfig, check_device, train
@@ -204,10 +204,12 @@ def point_configs(
         strategy=point.strategy,
         norm=config.norm,
         ffn=config.ffn,
-        init=get_strategy(point.strategy).default_init if config.init == "auto" else config.init,
+        init=config.init,
         vocab_size=vocab_size,
         max_seq_len=config.seq_len,
     )
+    # Store the scheme "auto" resolves to, so a run's config names its init.
+    model_config.init = model_config.resolved_init
     train_config = TrainConfig(
         steps=config.steps,
         batch_size=config.batch_size,

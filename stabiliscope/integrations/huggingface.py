@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from stabiliscope.watch import Sink, Watch
+from stabiliscope.integrations.common import close_watch_and_sinks
 
 try:
     from transformers import TrainerCallback
@@ -170,11 +171,8 @@ class StabiliscopeTrainerCallback(TrainerCallback):
         if self.watch is None:
             return
         try:
-            self.watch.close()
+            close_watch_and_sinks(self.watch, self.sinks)
         finally:
-            for sink in self.sinks:
-                if sink not in self.watch.sinks:
-                    sink.close()
             self._sinks_closed = True
 
 

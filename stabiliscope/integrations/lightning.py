@@ -20,6 +20,7 @@ from torch import nn
 
 from stabiliscope.errors import DiscoveryError
 from stabiliscope.watch import Sink, Watch
+from stabiliscope.integrations.common import close_watch_and_sinks
 
 try:
     import lightning.pytorch as pl
@@ -182,11 +183,8 @@ class StabiliscopeCallback(pl.Callback):
         if self.watch is None:
             return
         try:
-            self.watch.close()
+            close_watch_and_sinks(self.watch, self.sinks)
         finally:
-            for sink in self.sinks:
-                if sink not in self.watch.sinks:
-                    sink.close()
             self._sinks_closed = True
 
 

@@ -46,7 +46,7 @@ class CausalSelfAttention(nn.Module):
 
     When `capture_qk` is True, each forward stores the detached q and k that
     enter the attention product, shaped (B, n_heads, T, d_head), in
-    `captured_qk`; a watch sets the flag to measure attention logits and
+    `captured_qk`. A watch sets the flag to measure attention logits, and it
     clears the stored tensors after reading them.
     """
 
