@@ -212,3 +212,105 @@ def test_finite_run_has_no_event():
     w = one_step(make_model())
     assert w.first_nonfinite is None
     assert w.records[0].blocks["nonfinite/resid_post"] == [0.0, 0.0, 0.0]
+
+
+def position_module(block, position):
+    """Return the module whose output is the stream tensor at `position` in a Pre-Norm block."""
+    return {"attn_out": block.attn, "mlp_out": block.mlp, "resid_post": block}[position]
+
+
+@pytest.mark.parametrize("block_index", [0, 1, 2])
+@pytest.mark.parametrize("position", ["attn_out", "mlp_out", "resid_post"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_injection_with_sinks(block_index, position, value, tmp_path):
+    model = make_model(depth=3)
+
+    def poison(module, args, output):
+        output = output.clone()
+        output[0, 1, 2] = value
+        return output
+
+    position_module(model.blocks[block_index], position).register_forward_hook(poison)
+    x, y = make_batch()
+    with watch(model, log_dir=tmp_path / "tb", store=tmp_path / "store.sqlite") as w:
+        for _ in range(2):
+            _, loss = model(x, y)
+            loss.backward()
+            w.step(loss)
+            model.zero_grad()
+    event = w.first_nonfinite
+    assert (event.step, event.block, event.position, event.direction) == (0, block_index, position, "forward")
+    assert event.count == 1
+    assert w.records[0].blocks[f"nonfinite/{position}"][block_index] == 1.0
+    assert any((tmp_path / "tb").iterdir())
+
+
+@pytest.mark.parametrize("block_index", [0, 1, 2])
+def test_nonfinite_gradient_injection_located(block_index, tmp_path):
+    model = make_model(depth=3)
+    x, y = make_batch()
+    with watch(model, log_dir=tmp_path / "tb", store=tmp_path / "store.sqlite") as w:
+
+        def poison_gradient(module, args, output):
+            def hook(grad):
+                grad = grad.clone()
+                grad[0, 0, 0] = float("inf")
+                return grad
+
+            output.register_hook(hook)
+
+        # Registered after the watch's hooks: the poisoned gradient flows
+        # into the blocks below this one.
+        model.blocks[block_index].register_forward_hook(poison_gradient)
+        _, loss = model(x, y)
+        loss.backward()
+        w.step(loss)
+    event = w.first_nonfinite
+    if block_index == 0:
+        # Nothing in the stream lies below block 0, so the Inf shows up only
+        # in the parameter gradients: grad/total turns non-finite.
+        assert (event.step, event.block, event.position) == (0, None, "grad/total")
+    else:
+        assert (event.step, event.block, event.position, event.direction) == (0, block_index - 1, "resid_post", "backward")
+
+
+def attention_stats_by_hand(q, k):
+    logits = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    length = logits.shape[-1]
+    logit_max, entropy = 0.0, 0.0
+    for head in range(logits.shape[1]):
+        for t in range(length):
+            row = logits[0, head, t, : t + 1]
+            logit_max = max(logit_max, row.abs().max().item())
+            p = row.softmax(dim=0)
+            entropy -= torch.special.xlogy(p, p).sum().item()
+    return logit_max, entropy
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 30.0])
+def test_attention_stats_peaked_rows(scale):
+    from stabiliscope.watch import stats
+
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 12, 8, generator=generator) * scale
+    k = torch.randn(1, 2, 12, 8, generator=generator) * scale
+    logit_max, entropy = stats.attention_stats(q, k)
+    expected_max, expected_entropy = attention_stats_by_hand(q, k)
+    assert logit_max.item() == pytest.approx(expected_max, rel=1e-5)
+    assert entropy.item() == pytest.approx(expected_entropy, rel=1e-4, abs=1e-3)
+
+
+def test_attention_stats_ignore_autocast():
+    from stabiliscope.watch import stats
+
+    generator = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 2, 12, 8, generator=generator)
+    k = torch.randn(1, 2, 12, 8, generator=generator)
+    plain = stats.attention_stats(q, k)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = stats.attention_stats(q, k)
+        sum_sq = stats.sum_of_squares(q)
+    assert cast[0].dtype == torch.float32
+    assert cast[0].item() == pytest.approx(plain[0].item(), rel=1e-6)
+    assert cast[1].item() == pytest.approx(plain[1].item(), rel=1e-6)
+    assert sum_sq.item() == pytest.approx(q.double().pow(2).sum().item(), rel=1e-6)

@@ -24,6 +24,7 @@ from torch import nn
 
 from stabiliscope.watch import stats
 from stabiliscope.watch.discovery import HookPoint, ModelMap, ParamSlice, discover
+from stabiliscope.watch.ranks import RankReducer, is_sharded, local_part
 from stabiliscope.watch.flush import POSITIONS, SPIKE_METRICS, FlushLayout, HostCounts
 from stabiliscope.watch.records import NonfiniteEvent, Sink, SpikeEvent, StepRecord
 from stabiliscope.watch.spikes import SpikeDetector
@@ -67,6 +68,12 @@ class Watch:
     sink in `sinks` at every flush. `log_dir` adds a TensorBoard sink writing
     into that folder; `store` adds a SQLite run store at that file path, with
     the run named `name`.
+
+    In a `torch.distributed` job (DDP, or FSDP2's `fully_shard` over a 1-D
+    mesh), `process_group="auto"` reduces the statistics over the default
+    group, so every rank records what one process would on the global
+    batch, and only rank 0 writes to the sinks. Pass a process group to
+    choose another, or None to record each rank on its own.
     """
 
     def __init__(
@@ -85,6 +92,7 @@ class Watch:
         spike_threshold: float = 6.0,
         spike_min_history: int = 16,
         keep_records: bool = True,
+        process_group="auto",
     ) -> None:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be a positive integer number of steps, got {every!r}")
@@ -101,6 +109,7 @@ class Watch:
         self.first_nonfinite: NonfiniteEvent | None = None
 
         self._sink_paths = (log_dir, store)
+        self._process_group = process_group
         self._spike_settings = (spike_window, spike_threshold, spike_min_history)
         self._handles: list = []
         self._captures: list[tuple[nn.Module, bool]] = []
@@ -175,9 +184,17 @@ class Watch:
         # Parameters with a role, and each role slice as a view of its
         # parameter, for update ratios. The weight copies are allocated on the
         # first optimizer step, so a watch without an optimizer costs no memory.
-        self._role_params = [self._params[i].detach() for i in sorted(self._slices_of_param)]
+        self._ranks = RankReducer.detect(self._process_group, self._params, device)
+        slice_sharded = [is_sharded(part.param) for _, part in self._slices]
+        if any(part.dim is not None and sharded for (_, part), sharded in zip(self._slices, slice_sharded)):
+            raise ValueError(
+                "a fused projection split into roles (such as a fused QKV weight) cannot be measured "
+                "when it is sharded; map its roles to separate projections or leave it unsharded"
+            )
+        self._slice_sharded = torch.tensor(slice_sharded, dtype=torch.bool, device=device)
+        self._role_params = [local_part(self._params[i].detach()) for i in sorted(self._slices_of_param)]
         self._role_param_index = {id(self._params[i]): k for k, i in enumerate(sorted(self._slices_of_param))}
-        self._slice_views = [part.select(part.param.detach()) for _, part in self._slices]
+        self._slice_views = [part.select(local_part(part.param.detach())) for _, part in self._slices]
         self._weight_copies: list[torch.Tensor] | None = None
         self._copy_slice_views: list[torch.Tensor] = []
 
@@ -223,9 +240,16 @@ class Watch:
         window, threshold, min_history = self._spike_settings
         self._spikes = SpikeDetector(len(SPIKE_METRICS), window, threshold, min_history, device)
 
+    @property
+    def writes(self) -> bool:
+        """Whether this process hands records to the sinks: in a distributed job only rank 0 does."""
+        return self._ranks is None or self._ranks.rank == 0
+
     def _open_sinks(self) -> None:
         log_dir, store = self._sink_paths
         self._sink_paths = (None, None)
+        if not self.writes:
+            return
         if log_dir is not None:
             from stabiliscope.sinks.tensorboard import TensorBoardSink
 
@@ -295,9 +319,15 @@ class Watch:
                 # less than a reduction per parameter. It runs before
                 # backward() returns, so before any gradient clipping.
                 self._backward_queued = True
-                torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+                _queue_callback(self._queue_after_backward)
 
         return hook
+
+    def _queue_after_backward(self) -> None:
+        # Queued again from a callback, the reduction runs after every callback
+        # queued during the backward pass, among them DDP's, which writes the
+        # averaged gradients into `.grad`.
+        _queue_callback(self._after_backward)
 
     def _after_backward(self) -> None:
         """Take the squared norms of every accumulated gradient and role slice in one batch."""
@@ -306,7 +336,7 @@ class Watch:
         if not kept:
             return
         with torch.no_grad():
-            grads = {i: self._params[i].grad for i in kept}
+            grads = {i: local_part(self._params[i].grad) for i in kept}
             split = [(j, i) for i in kept for j in self._split_slices_of_param.get(i, ())]
             tensors = list(grads.values()) + [self._slices[j][1].select(grads[i]) for j, i in split]
             squares = _stacked_squared_norms(tensors, self._device)
@@ -494,6 +524,9 @@ class Watch:
         """
         torch._foreach_sub_(self._weight_copies, self._role_params)
         change_sq = _stacked_squared_norms(self._copy_slice_views, self._device)
+        if self._ranks is not None and self._ranks.any_sharded:
+            both = self._ranks.sum_sharded(torch.cat([change_sq, before_sq]), self._slice_sharded.repeat(2))
+            change_sq, before_sq = both[: change_sq.numel()], both[change_sq.numel() :]
         size = self.depth * len(self.roles)
         role_change = torch.zeros(size, device=self._device).index_add_(0, self._slice_target, change_sq)
         role_before = torch.zeros(size, device=self._device).index_add_(0, self._slice_target, before_sq)
@@ -519,7 +552,10 @@ class Watch:
             self._slice_sq = torch.zeros(len(self._slices), device=self._device)
             self._fired = [False] * len(self._params)
 
-            scalars = torch.stack([self._as_device_scalar(loss), grad_sq.sum().sqrt()])
+            loss_value = self._as_device_scalar(loss)
+            if self._ranks is not None:
+                loss_value, grad_sq, slice_sq = self._ranks.sum_step(loss_value, grad_sq, slice_sq, self._slice_sharded)
+            scalars = torch.stack([loss_value, grad_sq.sum().sqrt()])
             self._track_scalars(scalars)
             if self._step % self.every == 0:
                 self._stage(self._step, scalars, grad_sq, slice_sq)
@@ -578,6 +614,9 @@ class Watch:
             attn[0].scatter_reduce_(0, blocks, logit_max, reduce="amax")
             attn[1].index_add_(0, blocks, torch.stack([e for _, _, e in self._attn_pending]).double())
 
+        if self._ranks is not None:
+            stream, act, attn = self._reduce_across_ranks(stream, act, attn)
+
         parts = [
             scalars,
             self._interval,
@@ -600,6 +639,26 @@ class Watch:
             self._staged.update = self._pending_update[1]
         self._pending_update = None
         self._reset_interval()
+
+    def _reduce_across_ranks(self, stream: torch.Tensor, act: torch.Tensor, attn: torch.Tensor):
+        """Combine the flush's forward and stream statistics of every rank, and its element counts."""
+        world = self._ranks.world
+        counts = torch.from_numpy(np.concatenate([self._act_elements.ravel(), self._attn_rows])).to(self._device)
+        sums = torch.cat([stream[0] / world**2, stream[1], act[0].flatten(), act[2].flatten(), attn[1], counts.double()])
+        maxima = torch.cat([act[1].flatten(), attn[0]])
+        sums, maxima = self._ranks.gather_flush(sums, maxima)
+
+        depth, cells = self.depth, act[0].numel()
+        stream = torch.stack([sums[:depth], sums[depth : 2 * depth]])
+        act_sums = sums[2 * depth : 2 * depth + cells].view_as(act[0])
+        act_counts = sums[2 * depth + cells : 2 * depth + 2 * cells].view_as(act[2])
+        act = torch.stack([act_sums, maxima[:cells].view_as(act[1]), act_counts])
+        attn = torch.stack([maxima[cells:], sums[2 * depth + 2 * cells : 3 * depth + 2 * cells]])
+
+        host_counts = sums[3 * depth + 2 * cells :].cpu().numpy().astype(np.int64)  # a flush step may synchronise
+        self._act_elements[:] = host_counts[:cells].reshape(self._act_elements.shape)
+        self._attn_rows[:] = host_counts[cells:]
+        return stream, act, attn
 
     def _reduce_activations(self) -> torch.Tensor:
         """Return (3, positions, blocks): summed squares, max |x| and non-finite counts, float64."""
@@ -659,8 +718,9 @@ class Watch:
                 "%s: %s spike at step %d: %.4g (median %.4g, robust z %.1f)",
                 self.name, spike.metric, spike.step, spike.value, spike.median, spike.zscore,
             )
-        for sink in self.sinks:
-            sink.write([record], spikes)
+        if self.writes:
+            for sink in self.sinks:
+                sink.write([record], spikes)
 
     # --------------------------------------------------------------- teardown
 
@@ -706,6 +766,11 @@ class Watch:
         return result
 
 
+def _queue_callback(callback) -> None:
+    """Run `callback` when the running backward pass ends, before `backward()` returns."""
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
 def _stacked_squared_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Return the squared Frobenius norms of `tensors` as one float32 vector."""
     if not tensors:
@@ -729,6 +794,7 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **op
     """Attach a `Watch` to `model` and return it; use it as a context manager to detach.
 
     `options` are the keyword arguments of `Watch` (`name`, `every`, `sinks`,
-    `log_dir`, `store`, `scaler`, `mapping`, spike settings, `keep_records`).
+    `log_dir`, `store`, `scaler`, `mapping`, spike settings, `keep_records`,
+    `process_group`).
     """
     return Watch(model, optimizer, **options).attach()
