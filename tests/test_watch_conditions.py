@@ -122,22 +122,24 @@ def test_fp16_overflow_step_still_recorded():
 
 
 class CheckpointedModel(torch.nn.Module):
-    """The reference model with each block run under non-reentrant activation checkpointing."""
+    """The reference model with each block run under activation checkpointing."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, use_reentrant=False):
         super().__init__()
         self.inner = inner
         self.blocks = inner.blocks
+        self.use_reentrant = use_reentrant
 
     def forward(self, x, y):
         hidden = self.inner.tok_emb(x)
         for block in self.blocks:
-            hidden = checkpoint(block, hidden, use_reentrant=False)
+            hidden = checkpoint(block, hidden, use_reentrant=self.use_reentrant)
         logits = self.inner.norm_final(hidden) @ self.inner.tok_emb.weight.T
         return torch.nn.functional.cross_entropy(logits.reshape(-1, 256), y.reshape(-1))
 
 
-def test_checkpointing_not_counted_twice():
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpointing_not_counted_twice(use_reentrant):
     x, y = make_batch()
     plain = make_model()
     with watch(plain) as w_plain:
@@ -145,7 +147,7 @@ def test_checkpointing_not_counted_twice():
         loss.backward()
         w_plain.step(loss)
 
-    wrapped = CheckpointedModel(make_model())
+    wrapped = CheckpointedModel(make_model(), use_reentrant=use_reentrant)
     mapping = {
         "blocks": "blocks",
         "roles": {"mlp.out": [r"^mlp\.fc_out\.weight$"], "attn.q": [r"^attn\.q\.weight$"]},

@@ -228,6 +228,7 @@ class Watch:
         self._attn_pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self._act_elements = np.zeros((len(POSITIONS), depth), dtype=np.int64)
         self._pre_is_previous_post = np.zeros(depth, dtype=bool)
+        self._forward_seen = np.zeros(depth, dtype=bool)  # blocks measured by a forward outside backward
         self._attn_rows = np.zeros(depth, dtype=np.int64)
         self._last_output: tuple[int, torch.Tensor] | None = None
         self._interval = self._fresh_interval()
@@ -372,17 +373,17 @@ class Watch:
             self._index_cache[key] = cached
         return cached
 
-    def _recording(self, module: nn.Module) -> bool:
-        # A forward run by autograd during backward is an activation
-        # checkpointing recomputation; its statistics were taken already.
-        # NOTE: reentrant checkpointing runs the first forward under no_grad,
-        # so its blocks get no forward statistics at all.
-        return (
-            module.training
-            and torch.is_grad_enabled()
-            and self._step % self.every == 0
-            and torch._C._current_graph_task_id() == -1
-        )
+    def _recording(self, module: nn.Module, block: int) -> bool:
+        if not (module.training and torch.is_grad_enabled() and self._step % self.every == 0):
+            return False
+        if torch._C._current_graph_task_id() == -1:
+            self._forward_seen[block] = True
+            return True
+        # A forward run by autograd during backward recomputes a checkpointed
+        # block. Non-reentrant checkpointing ran the first forward with
+        # gradients enabled, and it was measured then. Reentrant checkpointing
+        # ran it under no_grad, so the recomputation is the one to measure.
+        return not self._forward_seen[block]
 
     def _measure(self, position: int, block: int, tensor: torch.Tensor) -> None:
         with torch.no_grad():
@@ -406,7 +407,7 @@ class Watch:
 
     def _resid_pre_hook(self, block: int):
         def hook(module: nn.Module, args, kwargs) -> None:
-            if not self._recording(module):
+            if not self._recording(module, block):
                 return
             tensor = _first_tensor(args, kwargs)
             if tensor is None:
@@ -422,7 +423,7 @@ class Watch:
 
     def _resid_post_hook(self, block: int):
         def hook(module: nn.Module, args, output) -> None:
-            if not self._recording(module):
+            if not self._recording(module, block):
                 return
             tensor = _first_tensor((output,), {})
             if tensor is None:
@@ -436,7 +437,7 @@ class Watch:
 
     def _output_hook(self, position: int, block: int):
         def hook(module: nn.Module, args, output) -> None:
-            if not self._recording(module):
+            if not self._recording(module, block):
                 return
             tensor = _first_tensor((output,), {})
             if tensor is not None:
@@ -446,7 +447,7 @@ class Watch:
 
     def _input_hook(self, position: int, block: int):
         def hook(module: nn.Module, args, kwargs) -> None:
-            if not self._recording(module):
+            if not self._recording(module, block):
                 return
             tensor = _first_tensor(args, kwargs)
             if tensor is not None:
@@ -470,7 +471,7 @@ class Watch:
         def hook(module: nn.Module, args, output) -> None:
             captured = module.captured_qk
             module.captured_qk = None
-            if captured is None or not self._recording(module):
+            if captured is None or not self._recording(module, block):
                 return
             # The first sequence of the micro-batch stands for the batch: the
             # full (B, heads, T, T) logits would cost as much as the attention.
@@ -561,6 +562,7 @@ class Watch:
                 self._stage(self._step, scalars, grad_sq, slice_sq)
         self._step += 1
         self._last_output = None
+        self._forward_seen[:] = False
 
         if self._staged is not None and (self.optimizer is None or self._staged.update is not None):
             self._emit()
