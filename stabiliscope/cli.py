@@ -20,17 +20,28 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from stabiliscope import __version__
 from stabiliscope.errors import ConfigError
-from stabiliscope.experiments.summary import render_table, summarize, to_csv, to_json
+from stabiliscope.experiments.folders import check_path_name
+from stabiliscope.experiments.shards import Shard, SweepReader, find_store_files, store_filename
+from stabiliscope.experiments.summary import (
+    flagged_runs,
+    render_flagged_table,
+    render_table,
+    summarize,
+    to_csv,
+    to_json,
+)
 from stabiliscope.experiments.sweep import TB_FOLDER, SweepConfig, run_sweep
+from stabiliscope.experiments.workers import WorkerError
 from stabiliscope.models import FFN_TYPES, INITS, NORM_TYPES, STRATEGIES
 from stabiliscope.models.strategies import STRATEGY_ALIASES
 from stabiliscope.sinks.console import RichSweepReporter
-from stabiliscope.sinks.store import STORE_FILENAME, RunStore
-from stabiliscope.sinks.tensorboard import TensorBoardServer
+from stabiliscope.sinks.store import STORE_FILENAME
+from stabiliscope.sinks.tensorboard import LAYOUT_PAGE, TensorBoardServer
 from stabiliscope.train import check_device
 
 # Sweep defaults: the default grid of 12 runs takes about 3 minutes on 2 CPU
@@ -173,6 +184,20 @@ class StrategyListType(click.ParamType):
         return names
 
 
+class ShardType(click.ParamType):
+    """`K/N`: part K of N of a sweep grid, with 1 <= K <= N."""
+
+    name = "K/N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Shard:
+        if isinstance(value, Shard):
+            return value
+        try:
+            return Shard.parse(str(value))
+        except ConfigError as error:
+            self.fail(str(error), param, ctx)
+
+
 def _validate_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
     try:
         check_device(value)
@@ -214,14 +239,14 @@ def _configure_logging(verbosity: int) -> None:
     package_logger.setLevel(level)
 
 
-def _open_existing_store(sweep_dir: Path) -> RunStore:
-    store_path = sweep_dir / STORE_FILENAME
-    if not store_path.is_file():
+def _open_existing_store(sweep_dir: Path) -> SweepReader:
+    """Open every run store of `sweep_dir` (`store.sqlite` and the shards' stores) as one, read-only."""
+    if not find_store_files(sweep_dir):
         raise OneLineUsageError(
             f"{str(sweep_dir)!r} contains no run store ({STORE_FILENAME}); "
             "pass a folder written by 'stabiliscope sweep'"
         )
-    return RunStore(store_path, read_only=True)
+    return SweepReader.open(sweep_dir)
 
 
 # Commands
@@ -362,6 +387,31 @@ def main(verbose: int) -> None:
     callback=_validate_device,
     help="Torch device to train on: cpu, cuda or cuda:N.",
 )
+@click.option(
+    "--name",
+    default=None,
+    help="Name of the sweep: its folder becomes OUT/NAME. A plain name, without path separators.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Runs trained at once, each in its own process; they share the run store.",
+)
+@click.option(
+    "--threads-per-worker",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Intra-op threads of each run; default: 1 with --workers above 1, else torch's default.",
+)
+@click.option(
+    "--shard",
+    type=ShardType(),
+    default=None,
+    help="Train only part K of N of the grid (K from 1 to N), into its own store file "
+    "store-K-of-N.sqlite; for example $SLURM_ARRAY_TASK_ID/4 in a Slurm job array --array=1-4.",
+)
 @config_errors_as_usage
 def sweep(
     norms: list[str],
@@ -381,11 +431,17 @@ def sweep(
     data: Path | None,
     out: Path,
     device: str,
+    name: str | None,
+    workers: int,
+    threads_per_worker: int | None,
+    shard: Shard | None,
 ) -> None:
     """Train every (depth, strategy, seed) run and summarize the depth profiles.
 
     Runs go in this order: for each depth, for each strategy, for each seed.
     """
+    if name is not None:
+        out = out / check_path_name("--name", name)
     config = SweepConfig(
         norms=norms,
         depths=depths,
@@ -408,20 +464,29 @@ def sweep(
     config.validate()
 
     console = _console()
+    # SIGTERM (a batch scheduler's time limit, `kill`) stops the sweep like Ctrl-C.
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt_on_signal)
     try:
         with RichSweepReporter(console) as reporter:
-            outcomes = run_sweep(config, reporter)
+            outcomes = run_sweep(
+                config, reporter, workers=workers, threads_per_worker=threads_per_worker, shard=shard
+            )
     except KeyboardInterrupt:
-        console.print(
-            f"Interrupted. Repeat the command with --out {out} to train the unfinished runs."
-        )
+        console.print("Interrupted. Repeat the command to train the unfinished runs.")
         sys.exit(EXIT_INTERRUPTED)
+    except WorkerError as error:
+        raise click.ClickException(str(error)) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
 
-    with RunStore.open(out) as store:
-        rows = summarize(store)
+    with SweepReader.open(out) as reader:
+        rows = summarize(reader)
+        flagged = flagged_runs(reader)
     console.print(render_table(rows))
+    if flagged:
+        console.print(render_flagged_table(flagged))
 
-    console.print(f"Run store: {out / STORE_FILENAME}")
+    console.print(f"Run store: {out / store_filename(shard)}")
     console.print(f"TensorBoard logs: {out / TB_FOLDER}")
     console.print(f"Dashboard: stabiliscope dashboard {out}")
 
@@ -443,11 +508,32 @@ def sweep(
     show_default=True,
     help="Output format: a rich table, a JSON list with full per-layer profiles, or CSV.",
 )
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also draw depth profiles (at initialization and at the end) and layer-by-step "
+    "heatmaps into this .png or .pdf file; needs matplotlib (the plot extra).",
+)
 @config_errors_as_usage
-def report(sweep_dir: Path, output_format: str) -> None:
+def report(sweep_dir: Path, output_format: str, plot_path: Path | None) -> None:
     """Print the summary of the sweep in SWEEP_DIR from its run store."""
+    if plot_path is not None:
+        from stabiliscope import figures
+
+        figures.check_plot_path(plot_path)
+        try:
+            figures.require_matplotlib()
+        except figures.MatplotlibMissingError as error:
+            raise OneLineUsageError(str(error)) from None
+
     with _open_existing_store(sweep_dir) as store:
         rows = summarize(store)
+        flagged = flagged_runs(store)
+        if plot_path is not None:
+            figures.write_sweep_figure(store, plot_path)
+            _console(stderr=True).print(f"Figures: {plot_path}")
 
     console = _console()
     if output_format == "json":
@@ -456,8 +542,10 @@ def report(sweep_dir: Path, output_format: str) -> None:
         console.out(to_csv(rows), highlight=False, end="")
     elif rows:
         console.print(render_table(rows))
+        if flagged:
+            console.print(render_flagged_table(flagged))
     else:
-        console.print(f"No runs recorded in {sweep_dir / STORE_FILENAME} yet.")
+        console.print(f"No runs recorded in {sweep_dir} yet.")
 
 
 def _interrupt_on_signal(signum: int, frame: object) -> None:
@@ -492,21 +580,24 @@ def dashboard(sweep_dir: Path, host: str, port: int) -> None:
     console = _console()
     if host != DEFAULT_HOST:
         _console(stderr=True).print(
-            f"[yellow]Warning:[/] TensorBoard listens on {host}, so the dashboard is "
-            "reachable from other machines on that network."
+            f"[yellow]Warning:[/] TensorBoard listens on {host}, not {DEFAULT_HOST}; unless that is "
+            "a loopback address, the dashboard (which has no login) is reachable from other machines.",
+            highlight=False,
+            soft_wrap=True,
         )
 
     server = TensorBoardServer(tb_dir, host=host, port=port)
-    try:
-        server.start()
-    except RuntimeError as error:
-        raise click.ClickException(str(error)) from None
-
-    console.print(f"TensorBoard serves {tb_dir} at {server.url} (Ctrl-C to stop)")
     # SIGTERM (from `kill` or a process manager) stops the child like Ctrl-C,
-    # instead of ending this process and leaving TensorBoard running.
+    # instead of ending this process and leaving TensorBoard running. The
+    # handler is in place before the child starts, so no signal falls between.
     previous_handler = signal.signal(signal.SIGTERM, _interrupt_on_signal)
     try:
+        try:
+            server.start()
+        except RuntimeError as error:
+            raise click.ClickException(str(error)) from None
+        console.print(f"TensorBoard serves {tb_dir} at {server.url} (Ctrl-C to stop)")
+        console.print(f"Depth profiles and layouts: {server.url}{LAYOUT_PAGE}")
         returncode = server.wait()
     except KeyboardInterrupt:
         console.print("Stopping TensorBoard.")
@@ -754,12 +845,12 @@ def _render_probe_table(probe_result: Any) -> Table:
     table.add_column("verdict")
     for result in probe_result.claims:
         claim = result.claim
-        strategy = claim.strategy if claim.baseline is None else f"{claim.strategy} / {claim.baseline}"
         verdict = "[green]PASS[/]" if result.passed else "[red]FAIL[/]"
         table.add_row(
             claim.id,
             claim.statement,
-            strategy,
+            # Strategy [variant], or the ratio "subject / baseline".
+            escape(claim.describe_subject()),
             _format_measured(result),
             _format_expected(*claim.expect),
             verdict,
@@ -790,8 +881,30 @@ def _render_probe_table(probe_result: Any) -> Table:
     callback=_validate_device,
     help="Torch device to train on: cpu, cuda or cuda:N.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Runs trained at once, each in its own process with one thread.",
+)
+@click.option(
+    "--shard",
+    type=ShardType(),
+    default=None,
+    help="Only train part K of N of each grid (K from 1 to N) and check no claims; "
+    "once every shard has finished, run without --shard to check them.",
+)
 @config_errors_as_usage
-def probe(paths: tuple[Path, ...], reduced: bool, as_json: bool, out: Path, device: str) -> None:
+def probe(
+    paths: tuple[Path, ...],
+    reduced: bool,
+    as_json: bool,
+    out: Path,
+    device: str,
+    workers: int,
+    shard: Shard | None,
+) -> None:
     """Check published claims: train the grid of each probe file and compare claims with measurements.
 
     PATHS are probe files (TOML) or folders, whose *.toml files are all read.
@@ -801,9 +914,11 @@ def probe(paths: tuple[Path, ...], reduced: bool, as_json: bool, out: Path, devi
     import json
 
     from stabiliscope.experiments.claims import run_probe
-    from stabiliscope.experiments.probes import find_probe_files, load_probe
+    from stabiliscope.experiments.probes import find_probe_files, load_probe, sweep_configs
 
     probes = [load_probe(path) for path in find_probe_files(list(paths))]
+    for item in probes:
+        check_path_name(f"{item.path}: file stem", item.name)
     stems = [item.name for item in probes]
     duplicates = sorted({stem for stem in stems if stems.count(stem) > 1})
     if duplicates:
@@ -819,13 +934,29 @@ def probe(paths: tuple[Path, ...], reduced: bool, as_json: bool, out: Path, devi
         for item in probes:
             folder = item.default_out(reduced=reduced, root=out)
             with RichSweepReporter(progress_console) as reporter:
-                result = run_probe(item, reduced=reduced, out=folder, device=device, reporter=reporter)
+                if shard is not None:
+                    # One sweep per variant; measurement kinds train nothing to shard.
+                    for config in sweep_configs(item, folder, device, reduced=reduced):
+                        run_sweep(config, reporter, workers=workers, shard=shard)
+                    continue
+                result = run_probe(
+                    item, reduced=reduced, out=folder, device=device, reporter=reporter, workers=workers
+                )
             results.append(result)
             if not as_json:
                 console.print(_render_probe_table(result))
     except KeyboardInterrupt:
         progress_console.print("Interrupted. Repeat the command to train the unfinished runs.")
         sys.exit(EXIT_INTERRUPTED)
+    except WorkerError as error:
+        raise click.ClickException(str(error)) from None
+
+    if shard is not None:
+        console.print(
+            f"Trained shard {shard} of {len(probes)} probe grid(s) into {out}. Once every shard "
+            "has finished, repeat the command without --shard to check the claims."
+        )
+        return
 
     if as_json:
         document = [result.to_dict() for result in results]

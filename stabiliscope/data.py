@@ -3,8 +3,11 @@
 A `Corpus` is a stream of int64 token ids split into a training part and a
 validation part. Text sources (the built-in corpus, a text file or a folder of
 files) are tokenized at the byte level, so the vocabulary is always the 256
-byte values and no tokenizer is needed. A nanoGPT-style `.bin` file already
-contains token ids as little-endian uint16 values and keeps them as they are.
+byte values and no tokenizer is needed. Text may use any 8-bit encoding and
+need not be valid UTF-8, but a text file that contains a NUL byte is taken
+for binary data (a checkpoint, an archive, UTF-16 text) and rejected. A
+nanoGPT-style `.bin` file already contains token ids as little-endian uint16
+values and keeps them as they are.
 
 The split is deterministic: the last `val_fraction` of the stream is the
 validation part. `sample_batch` draws random training windows from a CPU
@@ -37,6 +40,9 @@ BUILTIN_CORPUS_NAME = "builtin:pydoc_data.topics"
 _BIN_SUFFIX = ".bin"
 _ACCEPTED_PATHS = (
     "a text file, a folder of text files or a .bin file of uint16 token ids"
+)
+_ACCEPTED_TEXT = (
+    "text without NUL bytes (UTF-8 or another 8-bit encoding), or a .bin file of uint16 token ids"
 )
 
 
@@ -109,8 +115,8 @@ def load_corpus(
     A path with the suffix `.bin` is read as little-endian uint16 token ids.
     Any other file is read as raw bytes, which need not be valid UTF-8. A folder
     contributes every file below it, joined by a newline byte. Raises DataError
-    when the path is missing, empty, unreadable or of an unsupported kind, and
-    when `val_fraction` is outside (0, 0.5].
+    when the path is missing, empty, unreadable or of an unsupported kind, when
+    a text file contains a NUL byte, and when `val_fraction` is outside (0, 0.5].
     """
     _validate_val_fraction(val_fraction)
     if path is None:
@@ -339,12 +345,23 @@ def _builtin_corpus_bytes() -> bytes:
 
 
 def _read_file_bytes(path: Path, name: str) -> bytes:
+    """Read a text file's bytes; raise DataError when it is unreadable or contains a NUL byte."""
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except OSError as error:
         raise DataError(
             f"failed to read data file {name!r}: {error.strerror}"
         ) from error
+
+    # Text in any 8-bit encoding has no NUL bytes, whereas checkpoints,
+    # archives, images and UTF-16 text almost always do.
+    nul_offset = data.find(b"\x00")
+    if nul_offset >= 0:
+        raise DataError(
+            f"data file {str(path)!r} looks binary (a NUL byte at offset {nul_offset}); "
+            f"expected {_ACCEPTED_TEXT}"
+        )
+    return data
 
 
 def _read_bin_tokens(path: Path, name: str) -> torch.Tensor:

@@ -349,7 +349,7 @@ def test_sweep_rerun_other_lr_one_line(finished_sweep) -> None:
 
 
 def test_sweep_interrupt_exit_code(tmp_path: Path, monkeypatch) -> None:
-    def interrupted_sweep(config, reporter):
+    def interrupted_sweep(config, reporter, **execution_options):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "run_sweep", interrupted_sweep)

@@ -11,7 +11,12 @@ one strategy and depth over their seeds:
 - depth profiles of `grad/mlp.out` at initialization (the first recorded step,
   step 0 for runs of `stabiliscope.train`) and at the last recorded step. Each
   is the element-wise mean over seeds, indexed by block from the embedding to
-  the output.
+  the output;
+- the first NaN or Inf of each seed that saw one: step, block, stream
+  position and direction (forward or backward).
+
+`flagged_runs` lists, run by run, those that diverged, saw a non-finite
+value, failed or are unfinished, for a second table.
 
 The summary reports what was measured and makes no judgement about which
 profile is expected for a strategy.
@@ -49,6 +54,51 @@ about 1.26), the bars stay near the bottom.
 """
 
 
+@dataclass(frozen=True)
+class NonfiniteLocation:
+    """The first NaN or Inf a run's watch located, read from its `nonfinite` event.
+
+    `block` is None when the value was seen only in a global scalar (`loss`
+    or `grad/total`), which is then the `position`.
+    """
+
+    step: int
+    block: int | None
+    position: str
+    direction: str
+    count: int
+
+    def describe(self) -> str:
+        """Return text such as `step 12, block 3, attn_out (forward)`."""
+        block = "" if self.block is None else f"block {self.block}, "
+        return f"step {self.step}, {block}{self.position} ({self.direction})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "block": self.block,
+            "position": self.position,
+            "direction": self.direction,
+            "count": self.count,
+        }
+
+
+def first_nonfinite(store: Any, run_id: str) -> NonfiniteLocation | None:
+    """Return where `run_id` saw its first NaN or Inf, or None when it saw none."""
+    events = store.events(run_id, kind="nonfinite")
+    if not events:
+        return None
+    event = events[0]
+    detail = event["detail"] or {}
+    return NonfiniteLocation(
+        step=event["step"],
+        block=detail.get("block"),
+        position=detail.get("position", event["metric"] or "?"),
+        direction=detail.get("direction", "?"),
+        count=int(detail.get("count", 0)),
+    )
+
+
 @dataclass
 class SummaryRow:
     """Aggregated results of one strategy at one depth."""
@@ -66,6 +116,8 @@ class SummaryRow:
     final_steps: list[int] = field(default_factory=list)
     init_profile: list[float] = field(default_factory=list)
     final_profile: list[float] = field(default_factory=list)
+    nonfinite: dict[int, NonfiniteLocation] = field(default_factory=dict)
+    """The first NaN or Inf of each finished seed that saw one, by seed."""
 
     @property
     def init_ratio(self) -> float:
@@ -108,6 +160,9 @@ class SummaryRow:
             "final_profile": [_json_number(value) for value in self.final_profile],
             "init_last_over_first": _json_number(self.init_ratio),
             "final_last_over_first": _json_number(self.final_ratio),
+            "first_nonfinite": [
+                {"seed": seed, **location.to_dict()} for seed, location in sorted(self.nonfinite.items())
+            ],
         }
 
 
@@ -174,6 +229,11 @@ def _summarize_group(
         final_steps=final_steps,
         init_profile=_mean_profile(init_profiles),
         final_profile=_mean_profile(final_profiles),
+        nonfinite={
+            run.seed: location
+            for run in finished
+            if (location := first_nonfinite(store, run.run_id)) is not None
+        },
     )
 
 
@@ -296,6 +356,7 @@ CSV_COLUMNS = (
     "init_last_over_first",
     "final_profile",
     "final_last_over_first",
+    "first_nonfinite",
 )
 
 
@@ -321,9 +382,75 @@ def to_csv(rows: Iterable[SummaryRow]) -> str:
                 _csv_number(row.init_ratio),
                 ";".join(_csv_number(value) for value in row.final_profile),
                 _csv_number(row.final_ratio),
+                ";".join(
+                    f"seed {seed}: {location.describe()}" for seed, location in sorted(row.nonfinite.items())
+                ),
             ]
         )
     return buffer.getvalue()
+
+
+# Runs to look at one by one
+
+
+@dataclass(frozen=True)
+class FlaggedRun:
+    """A run that diverged, saw a non-finite value, failed or did not finish."""
+
+    run_id: str
+    status: str
+    diverged_step: int | None
+    nonfinite: NonfiniteLocation | None
+    error: str | None
+
+
+def flagged_runs(store: Any) -> list[FlaggedRun]:
+    """Return the runs of `store` that are not `completed` or saw a NaN or Inf, by strategy, depth and seed."""
+    flagged = []
+    for run in store.list_runs():
+        location = first_nonfinite(store, run.run_id)
+        if run.status == "completed" and location is None:
+            continue
+        flagged.append(
+            FlaggedRun(
+                run_id=run.run_id,
+                status=run.status,
+                diverged_step=run.diverged_step,
+                nonfinite=location,
+                error=run.error,
+            )
+        )
+    return flagged
+
+
+_STATUS_STYLES = {"completed": "green", "diverged": "yellow", "failed": "red", "running": "red"}
+
+
+def render_flagged_table(runs: Iterable[FlaggedRun]) -> Table:
+    """Return the diverged, non-finite, failed and unfinished runs as a rich Table, one line per run."""
+    table = Table(
+        title="Runs that diverged, saw NaN or Inf, failed or are unfinished",
+        caption="first NaN/Inf: the first step, block and stream position where the watch saw one, "
+        "in the forward or backward pass; elements: how many were non-finite there.",
+    )
+    table.add_column("run", no_wrap=True)
+    table.add_column("status")
+    table.add_column("diverged at", justify="right")
+    table.add_column("first NaN/Inf")
+    table.add_column("elements", justify="right")
+    table.add_column("error")
+    for run in runs:
+        status = "unfinished" if run.status == "running" else run.status
+        style = _STATUS_STYLES.get(run.status, "")
+        table.add_row(
+            run.run_id,
+            f"[{style}]{status}[/]" if style else status,
+            "-" if run.diverged_step is None else f"step {run.diverged_step}",
+            "-" if run.nonfinite is None else run.nonfinite.describe(),
+            "-" if run.nonfinite is None else str(run.nonfinite.count),
+            run.error or "",
+        )
+    return table
 
 
 def _seeds_text(row: SummaryRow) -> str:

@@ -5,13 +5,16 @@ each seed. Each run gets a filesystem-safe id such as `pre-L08-s0`.
 
 A sweep folder contains:
 
-- `store.sqlite`: the run store (configuration, status, metrics, events);
+- `store.sqlite`: the run store (configuration, status, metrics, events), or
+  `store-K-of-N.sqlite` for shard K of N (see `stabiliscope.experiments.shards`);
 - `sweep.json`: the sweep configuration of the latest invocation;
 - `tb/<run_id>/`: TensorBoard event files, one folder per run.
 
 Rerunning a sweep into the same folder skips runs that already finished
-(`completed` or `diverged`) with the same configuration, and reruns runs that
-failed or were left `running` by a crash or an interrupt.
+(`completed` or `diverged`) with the same configuration, in any store of the
+folder, and reruns runs that failed or were left `running` by a crash or an
+interrupt. A run is recorded as finished in one transaction after its last
+step, so a sweep killed at any moment loses no finished run.
 """
 
 from __future__ import annotations
@@ -21,9 +24,13 @@ import logging
 import math
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from stabiliscope.data import (
     BUILTIN_CORPUS_NAME,
@@ -33,8 +40,20 @@ from stabiliscope.data import (
     load_corpus,
 )
 from stabiliscope.errors import ConfigError
-from stabiliscope.models import FFN_TYPES, INITS, NORM_TYPES, STRATEGIES, ModelConfig
-from stabiliscope.sinks.store import SWEEP_CONFIG_KEY, RunRow, RunStore, StoreSink
+from stabiliscope.models import EMBED_SCALES, FFN_TYPES, INITS, NORM_TYPES, STRATEGIES, ModelConfig
+from stabiliscope.experiments.folders import prepare_sweep_folder, write_json_atomic
+from stabiliscope.experiments.locking import StoreLock
+from stabiliscope.experiments.shards import Shard, finished_runs_in_other_stores, store_filename
+from stabiliscope.experiments.workers import train_in_workers
+from stabiliscope.sinks.store import (
+    SWEEP_CONFIG_KEY,
+    EventRow,
+    RunRow,
+    RunStore,
+    StoreSink,
+    check_existing_store,
+)
+from stabiliscope.sinks.dashboard import run_hparams
 from stabiliscope.sinks.tensorboard import TensorBoardSink
 from stabiliscope.train import TrainConfig, check_device, train
 
@@ -72,6 +91,8 @@ class SweepConfig:
     norm: str = "rms"
     ffn: str = "swiglu"
     grad_clip: float | None = None
+    # "sqrt_d" scales token embeddings to squared norm about `width` (Xiong et al. 2020).
+    embed_scale: str = "default"
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid value and what is accepted."""
@@ -97,6 +118,7 @@ class SweepConfig:
         _check_choice("init", self.init, ("auto", *INITS))
         _check_choice("norm", self.norm, tuple(NORM_TYPES))
         _check_choice("ffn", self.ffn, tuple(FFN_TYPES))
+        _check_choice("embed_scale", self.embed_scale, EMBED_SCALES)
         check_device(self.device)
 
         # The shape checks do not depend on the vocabulary, so byte tokens stand
@@ -170,6 +192,14 @@ class SweepReporter:
     def run_step(self, step: int, loss: float) -> None:
         """Called after every optimizer step of the current run."""
 
+    def run_progress(self, run_id: str, step: int, loss: float) -> None:
+        """Called after every optimizer step of `run_id`; calls `run_step` unless overridden.
+
+        With `workers > 1` several runs train at once, so a display of
+        concurrent runs overrides this method rather than `run_step`.
+        """
+        self.run_step(step, loss)
+
     def run_finished(self, outcome: RunOutcome) -> None:
         """Called after a run completed, diverged or failed."""
 
@@ -207,6 +237,7 @@ def point_configs(
         init=config.init,
         vocab_size=vocab_size,
         max_seq_len=config.seq_len,
+        embed_scale=config.embed_scale,
     )
     # Store the scheme "auto" resolves to, so a run's config names its init.
     model_config.init = model_config.resolved_init
@@ -230,57 +261,158 @@ def run_config(model_config: ModelConfig, train_config: TrainConfig, data_name: 
     return json.loads(json.dumps(values))
 
 
-def run_sweep(config: SweepConfig, reporter: SweepReporter | None = None) -> list[RunOutcome]:
+def run_sweep(
+    config: SweepConfig,
+    reporter: SweepReporter | None = None,
+    *,
+    workers: int = 1,
+    threads_per_worker: int | None = None,
+    shard: Shard | None = None,
+) -> list[RunOutcome]:
     """Train the runs of the grid that have not finished yet, and return every outcome.
 
     Each run is written to the sweep folder (`config.out`) as it trains: its
-    metrics and status to the run store, its scalars to `tb/<run_id>/`. The
-    corpus is loaded once. A run that raises an exception is recorded as
-    `failed` with the error text, and the sweep continues. A diverged run is
-    recorded as `diverged` at its step, and the sweep continues. On
-    KeyboardInterrupt the current run stays `running` (so the next invocation
-    reruns it), the store is closed, and the interrupt propagates.
+    metrics and status to the run store, its scalars to `tb/<run_id>/`. A run
+    that raises an exception is recorded as `failed` with the error text, and
+    the sweep continues. A diverged run is recorded as `diverged` at its step,
+    and the sweep continues. On KeyboardInterrupt the current runs stay
+    `running` (so the next invocation reruns them), the store is closed, and
+    the interrupt propagates.
 
-    Raises ConfigError for an invalid configuration, for data too short for one
-    sequence, and when the sweep folder already contains a finished run with the
-    same id but a different configuration.
+    `workers > 1` trains that many runs at once in worker processes (see
+    `stabiliscope.experiments.workers`), each with `threads_per_worker`
+    intra-op threads, 1 by default. With one worker the runs train in this
+    process, with torch's thread count unless `threads_per_worker` is given.
+    `shard` trains only that shard's part of the grid, into the shard's own
+    store file. Outcomes are returned in grid order either way. Workers
+    start with the "spawn" method, which imports the caller's main module
+    again, so a script that calls this with `workers > 1` needs an
+    `if __name__ == "__main__":` guard.
+
+    Raises ConfigError for an invalid configuration or sweep folder, for data
+    too short for one sequence, when another sweep holds the store's lock,
+    and when the sweep folder already contains a finished run with the same
+    id but a different configuration. Raises WorkerError when a worker
+    process fails outside a run.
     """
     reporter = reporter or SweepReporter()
     config.validate()
+    check_execution(workers, threads_per_worker)
 
     corpus = load_corpus(config.data)
     check_sequence_fits(corpus, config.seq_len)
     data_name = BUILTIN_CORPUS_NAME if config.data is None else str(Path(config.data).resolve())
 
     out = Path(config.out)
-    with RunStore.open(out) as store:
-        plans = [_plan_run(store, config, point, corpus, data_name) for point in grid(config)]
+    prepare_sweep_folder(out)
+    filename = store_filename(shard)
+    points = grid(config) if shard is None else shard.select(grid(config))
+    if not points:
+        logger.warning("shard %s of a grid of %d runs contains no runs", shard, len(grid(config)))
+
+    # Bad store files are rejected before the lock file is created next to them.
+    check_existing_store(out / filename)
+    finished_elsewhere = finished_runs_in_other_stores(out, filename)
+
+    with StoreLock(out / filename), RunStore.open(out, filename=filename) as store:
+        plans = [_plan_run(store, finished_elsewhere, config, point, corpus, data_name) for point in points]
 
         store.set_meta(SWEEP_CONFIG_KEY, config.to_dict())
-        (out / SWEEP_JSON).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        write_json_atomic(out / SWEEP_JSON, config.to_dict())
 
-        to_train = sum(1 for plan in plans if plan.finished_run is None)
+        to_train = [plan for plan in plans if plan.finished_run is None]
         logger.info(
             "sweep %s: %d runs, %d already finished, %d to train",
             out,
             len(plans),
-            len(plans) - to_train,
-            to_train,
+            len(plans) - len(to_train),
+            len(to_train),
         )
-        reporter.sweep_started(len(plans), to_train)
+        reporter.sweep_started(len(plans), len(to_train))
 
-        outcomes: list[RunOutcome] = []
-        for plan in plans:
-            if plan.finished_run is not None:
-                outcome = _outcome_from_row(plan.finished_run, skipped=True)
-                reporter.run_skipped(outcome)
-            else:
-                outcome = _train_one(store, out, config, plan, corpus, reporter)
-                reporter.run_finished(outcome)
-            outcomes.append(outcome)
+        # Parallel runs get one thread each unless told otherwise; a serial
+        # sweep keeps torch's thread count.
+        threads = threads_per_worker
+        if threads is None and workers > 1:
+            threads = 1
+        if workers > 1 and len(to_train) > 1:
+            outcomes = _run_in_workers(store, filename, config, plans, workers, threads, reporter)
+        else:
+            with _torch_threads(threads):
+                outcomes = _run_here(store, out, config, plans, corpus, reporter)
 
     reporter.sweep_finished(outcomes)
     return outcomes
+
+
+def check_execution(workers: int, threads_per_worker: int | None) -> None:
+    """Raise ConfigError unless `workers` and `threads_per_worker` are positive integers."""
+    _check_int("workers (--workers)", workers, minimum=1)
+    if threads_per_worker is not None:
+        _check_int("threads_per_worker (--threads-per-worker)", threads_per_worker, minimum=1)
+
+
+def _run_here(
+    store: RunStore,
+    out: Path,
+    config: SweepConfig,
+    plans: list[_RunPlan],
+    corpus: Corpus,
+    reporter: SweepReporter,
+) -> list[RunOutcome]:
+    outcomes: list[RunOutcome] = []
+    for plan in plans:
+        if plan.finished_run is not None:
+            outcome = _outcome_from_row(plan.finished_run, skipped=True)
+            reporter.run_skipped(outcome)
+        else:
+            outcome = _train_one(store, out, config, plan, corpus, reporter)
+            reporter.run_finished(outcome)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _run_in_workers(
+    store: RunStore,
+    filename: str,
+    config: SweepConfig,
+    plans: list[_RunPlan],
+    workers: int,
+    threads: int,
+    reporter: SweepReporter,
+) -> list[RunOutcome]:
+    skipped: dict[str, RunOutcome] = {}
+    for plan in plans:
+        if plan.finished_run is not None:
+            skipped[plan.point.run_id] = _outcome_from_row(plan.finished_run, skipped=True)
+            reporter.run_skipped(skipped[plan.point.run_id])
+
+    to_train = [plan for plan in plans if plan.finished_run is None]
+    trained = train_in_workers(
+        to_train,
+        config=config,
+        store=store,
+        store_filename=filename,
+        workers=workers,
+        threads=threads,
+        reporter=reporter,
+    )
+    by_id = {**skipped, **{outcome.run_id: outcome for outcome in trained}}
+    return [by_id[plan.point.run_id] for plan in plans]
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Set torch's intra-op thread count for the enclosed block, when `threads` is given."""
+    if threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @dataclass
@@ -294,19 +426,29 @@ class _RunPlan:
 
 
 def _plan_run(
-    store: RunStore, config: SweepConfig, point: SweepPoint, corpus: Corpus, data_name: str
+    store: RunStore,
+    finished_elsewhere: dict[str, tuple[RunRow, Path]],
+    config: SweepConfig,
+    point: SweepPoint,
+    corpus: Corpus,
+    data_name: str,
 ) -> _RunPlan:
     model_config, train_config = point_configs(config, point, vocab_size=corpus.vocab_size)
     new_config = run_config(model_config, train_config, data_name)
 
     existing = store.get_run(point.run_id)
+    where = ""
+    if (existing is None or not existing.finished) and point.run_id in finished_elsewhere:
+        # Finished by another shard layout or an unsharded run of this folder.
+        existing, path = finished_elsewhere[point.run_id]
+        where = f" (in {path.name})"
     if existing is None or not existing.finished:
         return _RunPlan(point, model_config, train_config, new_config, finished_run=None)
 
     differences = describe_differences(existing.config, new_config)
     if differences:
         raise ConfigError(
-            f"sweep folder {str(config.out)!r} already contains run {point.run_id} with a "
+            f"sweep folder {str(config.out)!r} already contains run {point.run_id}{where} with a "
             f"different configuration ({'; '.join(differences)}); use another --out"
         )
     return _RunPlan(point, model_config, train_config, new_config, finished_run=existing)
@@ -368,15 +510,25 @@ def _train_one(
         width=config.width,
         seed=point.seed,
     )
-    tb_sink = TensorBoardSink(tb_dir, description=json.dumps(plan.config, indent=2))
+    # Every run carries the layout of the whole grid and its own hparams. The
+    # watch closes the sink inside train(), before the outcome is known.
+    tb_sink = TensorBoardSink(
+        tb_dir,
+        await_outcome=True,
+        total_steps=config.steps,
+        layout_depths=config.depths,
+        hparams=run_hparams(plan.model_config, plan.train_config),
+        description=f"```json\n{json.dumps(plan.config, indent=2)}\n```",
+    )
     sinks = [StoreSink(store, run_id), tb_sink]
+
+    def report_step(step: int, loss: float) -> None:
+        reporter.run_progress(run_id, step, loss)
 
     logger.info("run %s started", run_id)
     reporter.run_started(run_id, config.steps)
     try:
-        result = train(
-            plan.model_config, plan.train_config, corpus, sinks=sinks, on_step=reporter.run_step
-        )
+        result = train(plan.model_config, plan.train_config, corpus, sinks=sinks, on_step=report_step)
     except KeyboardInterrupt:
         logger.warning("run %s interrupted; it stays unfinished and reruns next time", run_id)
         store.mark_interrupted(run_id)
@@ -386,17 +538,27 @@ def _train_one(
         logger.error("run %s failed: %s", run_id, error_text)
         logger.debug("traceback of the failure of run %s", run_id, exc_info=True)
         store.fail_run(run_id, error_text)
-        return RunOutcome(
-            run_id=run_id,
-            strategy=point.strategy,
-            depth=point.depth,
-            seed=point.seed,
-            status="failed",
-            error=error_text,
+        tb_sink.set_outcome("failed")
+        return failed_outcome(point, error_text)
+    else:
+        tb_sink.set_outcome(
+            result.status, diverged_step=result.diverged_step, final_val_loss=result.final_val_loss
         )
     finally:
         tb_sink.close()
 
+    events = []
+    if result.status == "diverged":
+        events.append(
+            EventRow(
+                result.diverged_step if result.diverged_step is not None else result.steps_done,
+                "diverged",
+                metric="loss",
+                value=result.final_train_loss,
+                detail={"steps_done": result.steps_done},
+            )
+        )
+    # The TensorBoard files are closed above, so a run marked finished has all its files.
     store.finish_run(
         run_id,
         status=result.status,
@@ -406,16 +568,9 @@ def _train_one(
         spike_count=result.spike_count,
         wall_time_s=result.wall_time_s,
         tokens_per_s=result.tokens_per_s,
+        events=events,
     )
     if result.status == "diverged":
-        store.add_event(
-            run_id,
-            result.diverged_step if result.diverged_step is not None else result.steps_done,
-            "diverged",
-            metric="loss",
-            value=result.final_train_loss,
-            detail={"steps_done": result.steps_done},
-        )
         logger.info("run %s diverged at step %s", run_id, result.diverged_step)
     else:
         logger.info("run %s %s in %.1f s", run_id, result.status, result.wall_time_s)
@@ -431,6 +586,18 @@ def _train_one(
         final_val_loss=result.final_val_loss,
         spike_count=result.spike_count,
         wall_time_s=result.wall_time_s,
+    )
+
+
+def failed_outcome(point: SweepPoint, error_text: str) -> RunOutcome:
+    """Return the outcome of a run of `point` that failed with `error_text`."""
+    return RunOutcome(
+        run_id=point.run_id,
+        strategy=point.strategy,
+        depth=point.depth,
+        seed=point.seed,
+        status="failed",
+        error=error_text,
     )
 
 

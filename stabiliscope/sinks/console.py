@@ -2,9 +2,10 @@
 
 Library code never prints: `run_sweep` reports progress to a `SweepReporter`,
 and only the CLI passes this rich implementation. The display has one bar for
-the sweep (runs done out of the grid size) and one for the current run (steps
-done, current loss, steps per second and time left). One line per finished
-run is printed above the bars.
+the sweep (runs done out of the grid size) and one for each run in progress
+(steps done, current loss, steps per second and time left); with several
+workers, several runs are in progress at once. One line per finished run is
+printed above the bars.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class RichSweepReporter(SweepReporter):
         )
         self._sweep_task: TaskID | None = None
         self._run_task: TaskID | None = None
+        self._run_tasks: dict[str, TaskID] = {}
 
     def __enter__(self) -> RichSweepReporter:
         self.progress.start()
@@ -82,11 +84,10 @@ class RichSweepReporter(SweepReporter):
         self._advance_sweep()
 
     def run_started(self, run_id: str, steps: int) -> None:
-        if self._run_task is not None:
-            self.progress.remove_task(self._run_task)
         self._run_task = self.progress.add_task(
             run_id, total=steps, status="loss -", show_rate=True
         )
+        self._run_tasks[run_id] = self._run_task
 
     def run_step(self, step: int, loss: float) -> None:
         if self._run_task is None:
@@ -94,14 +95,25 @@ class RichSweepReporter(SweepReporter):
         # `step` counts from 0, so step + 1 steps are done.
         self.progress.update(self._run_task, completed=step + 1, status=f"loss {loss:.4f}")
 
+    def run_progress(self, run_id: str, step: int, loss: float) -> None:
+        task = self._run_tasks.get(run_id)
+        if task is not None:
+            self.progress.update(task, completed=step + 1, status=f"loss {loss:.4f}")
+
     def run_finished(self, outcome: RunOutcome) -> None:
+        task = self._run_tasks.pop(outcome.run_id, None)
+        if task is not None:
+            self.progress.remove_task(task)
+            if task == self._run_task:
+                self._run_task = None
         self.console.print(describe_outcome(outcome))
         self._advance_sweep()
 
     def sweep_finished(self, outcomes: list[RunOutcome]) -> None:
-        if self._run_task is not None:
-            self.progress.remove_task(self._run_task)
-            self._run_task = None
+        for task in self._run_tasks.values():
+            self.progress.remove_task(task)
+        self._run_tasks.clear()
+        self._run_task = None
 
     def _advance_sweep(self) -> None:
         if self._sweep_task is not None:

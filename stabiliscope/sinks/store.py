@@ -1,7 +1,11 @@
-"""SQLite run store: one file per sweep, the source for reports and probes.
+"""SQLite run store: one file per sweep or shard, the source for reports and probes.
 
-The store lives at `SWEEP_DIR/store.sqlite` and is opened in WAL mode, so a
-report can read it while a sweep writes. Its schema version is kept in
+The store lives at `SWEEP_DIR/store.sqlite`, or `SWEEP_DIR/store-K-of-N.sqlite`
+for shard K of N (see `stabiliscope.experiments.shards`). It is opened in WAL
+mode with a busy timeout, so a report can read it while a sweep writes, and
+several worker processes of one sweep can write it. Every write is one
+`BEGIN IMMEDIATE` transaction, so a process killed at any moment leaves
+either all or none of a write. Its schema version is kept in
 `PRAGMA user_version`.
 
 Tables:
@@ -14,7 +18,9 @@ Tables:
   NULL in `value` means NaN. Infinities are stored as REAL infinities and read
   back unchanged.
 - `events(run_id, step, kind, metric, value, detail)`: spikes, divergence and
-  other point events, with a JSON `detail`.
+  other point events, with a JSON `detail`. A `nonfinite` event marks the
+  first NaN or Inf a watch located; its detail has `block`, `position`,
+  `direction` and `count`.
 """
 
 from __future__ import annotations
@@ -24,11 +30,12 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from stabiliscope.errors import ConfigError
 from stabiliscope.watch.records import Sink, SpikeEvent, StepRecord
@@ -48,6 +55,8 @@ FINISHED_STATUSES = ("completed", "diverged")
 
 DEFAULT_TIMEOUT_S = 30.0
 """Seconds a connection waits for another writer's lock before it raises."""
+
+STORE_TABLES = frozenset({"meta", "runs", "metrics", "events"})
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -94,6 +103,20 @@ CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, step);
 """
 
 
+class EmptyStoreError(ConfigError):
+    """A store file without any table yet, such as one a starting sweep has just created."""
+
+
+class EventRow(NamedTuple):
+    """One point event of a run, as written to the `events` table."""
+
+    step: int
+    kind: str
+    metric: str | None = None
+    value: float | None = None
+    detail: dict[str, Any] | None = None
+
+
 @dataclass(frozen=True)
 class RunRow:
     """One row of the `runs` table, with the configuration decoded from JSON.
@@ -130,19 +153,23 @@ class RunStore:
 
     Open it with `RunStore.open(sweep_dir)` or `RunStore(path)`, and close it
     with `close()` or a `with` block. Every write method commits its own
-    transaction. Raises ConfigError naming the file when the file is not a
-    SQLite database or was written with a newer schema.
+    transaction. Opening an existing store writes nothing, so a command that
+    fails after opening leaves the file as it was. Raises ConfigError naming
+    the file when the file is not a SQLite database, is a SQLite database
+    with other tables, or was written with a newer schema.
     """
 
     def __init__(self, path: str | Path, *, timeout_s: float = DEFAULT_TIMEOUT_S, read_only: bool = False) -> None:
         self.path = Path(path)
         self.read_only = read_only
         try:
+            # Autocommit mode: every write opens its own BEGIN IMMEDIATE
+            # transaction (see `_write`), so the busy timeout covers the lock.
             if read_only:
                 uri = f"{self.path.resolve().as_uri()}?mode=ro"
-                self._connection = sqlite3.connect(uri, timeout=timeout_s, uri=True)
+                self._connection = sqlite3.connect(uri, timeout=timeout_s, uri=True, isolation_level=None)
             else:
-                self._connection = sqlite3.connect(self.path, timeout=timeout_s)
+                self._connection = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)
         except sqlite3.Error as error:
             raise ConfigError(f"failed to open run store {str(self.path)!r}: {error}") from error
 
@@ -167,17 +194,25 @@ class RunStore:
             ) from error
 
     @classmethod
-    def open(cls, sweep_dir: str | Path, **kwargs: Any) -> RunStore:
-        """Open or create `sweep_dir/store.sqlite`, creating the folder when needed."""
+    def open(cls, sweep_dir: str | Path, *, filename: str = STORE_FILENAME, **kwargs: Any) -> RunStore:
+        """Open or create `sweep_dir/filename`, creating the folder when needed."""
         folder = Path(sweep_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        return cls(folder / STORE_FILENAME, **kwargs)
+        return cls(folder / filename, **kwargs)
+
+    def _table_names(self) -> set[str]:
+        rows = self._connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        return {row[0] for row in rows}
 
     def _check_readable(self) -> None:
         """Check, without writing, that the file is a run store this version can read."""
         version = self._connection.execute("PRAGMA user_version").fetchone()[0]
-        tables = {row[0] for row in self._connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if version == 0 or not {"runs", "metrics", "events", "meta"} <= tables:
+        tables = self._table_names()
+        if version == 0 and not tables:
+            raise EmptyStoreError(
+                f"run store {str(self.path)!r} is empty; it contains no runs yet"
+            )
+        if version == 0 or not STORE_TABLES <= tables:
             raise ConfigError(
                 f"{str(self.path)!r} is not a stabiliscope run store (no runs table); "
                 "pass a folder written by 'stabiliscope sweep'"
@@ -198,6 +233,13 @@ class RunStore:
                 f"run store {str(self.path)!r} has schema version {version}, but this "
                 f"stabiliscope reads version {SCHEMA_VERSION} at most; upgrade stabiliscope"
             )
+        tables = self._table_names()
+        if version == 0 and tables:
+            raise ConfigError(
+                f"{str(self.path)!r} is a SQLite database with other tables "
+                f"({', '.join(sorted(tables)[:3])}), not a stabiliscope run store; "
+                "move it away or pass another sweep folder"
+            )
 
         mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode.lower() != "wal":
@@ -207,9 +249,36 @@ class RunStore:
         # loses nothing, and a power loss can lose the last commits only.
         connection.execute("PRAGMA synchronous = NORMAL")
 
-        with connection:
-            connection.executescript(_SCHEMA)
-            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if version == 0:
+            # A script runs its own transaction, which must not be nested in `_write`.
+            connection.executescript(
+                f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+            )
+        elif not STORE_TABLES <= tables:
+            raise ConfigError(
+                f"run store {str(self.path)!r} has schema version {version} but lacks the tables "
+                f"{', '.join(sorted(STORE_TABLES - tables))}; move it away or pass another sweep folder"
+            )
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """Run the enclosed statements as one transaction that takes the write lock first.
+
+        `BEGIN IMMEDIATE` waits up to the busy timeout for another writer,
+        whereas a deferred transaction that upgrades from a read to a write
+        can fail at once with "database is locked".
+        """
+        connection = self._connection
+        if connection is None:
+            raise ValueError(f"run store {str(self.path)!r} is closed")
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield connection
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
 
     def close(self) -> None:
         """Close the connection; later calls do nothing."""
@@ -227,7 +296,7 @@ class RunStore:
 
     def set_meta(self, key: str, value: Any) -> None:
         """Store `value` as JSON under `key`, replacing an earlier value."""
-        with self._connection:
+        with self._write():
             self._connection.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                 (key, json.dumps(value, sort_keys=True)),
@@ -256,7 +325,7 @@ class RunStore:
         interrupted run) are deleted in the same transaction, so a rerun never
         mixes steps from two attempts.
         """
-        with self._connection:
+        with self._write():
             self._delete_run_data(run_id)
             self._connection.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
             self._connection.execute(
@@ -276,11 +345,17 @@ class RunStore:
         spike_count: int,
         wall_time_s: float,
         tokens_per_s: float,
+        events: Iterable[EventRow] = (),
     ) -> None:
-        """Record the outcome of a run that reached its last step or diverged."""
+        """Record the outcome of a run that reached its last step or diverged.
+
+        The status and `events` (such as the `diverged` event) are written in
+        one transaction, so a crash never leaves a finished run without them.
+        """
         if status not in FINISHED_STATUSES:
             raise ValueError(f"finish status must be one of {FINISHED_STATUSES}, got {status!r}")
-        with self._connection:
+        with self._write():
+            self._insert_events(run_id, events)
             self._connection.execute(
                 "UPDATE runs SET status = ?, diverged_step = ?, final_train_loss = ?, "
                 "final_val_loss = ?, spike_count = ?, wall_time_s = ?, tokens_per_s = ?, "
@@ -300,7 +375,7 @@ class RunStore:
 
     def fail_run(self, run_id: str, error: str) -> None:
         """Mark `run_id` as `failed` with the error text; a later sweep reruns it."""
-        with self._connection:
+        with self._write():
             self._connection.execute(
                 "UPDATE runs SET status = 'failed', error = ?, finished_at = ? WHERE run_id = ?",
                 (error, _now(), run_id),
@@ -308,7 +383,7 @@ class RunStore:
 
     def mark_interrupted(self, run_id: str) -> None:
         """Keep `run_id` as `running` with a note, so a later sweep reruns it."""
-        with self._connection:
+        with self._write():
             self._connection.execute(
                 "UPDATE runs SET status = 'running', error = 'interrupted before the last step' "
                 "WHERE run_id = ?",
@@ -317,7 +392,7 @@ class RunStore:
 
     def delete_run(self, run_id: str) -> None:
         """Delete `run_id` with its metrics and events."""
-        with self._connection:
+        with self._write():
             self._delete_run_data(run_id)
             self._connection.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
 
@@ -336,33 +411,29 @@ class RunStore:
         """Insert the values of `records` and the `spikes` in one transaction.
 
         All metric rows go in one `executemany`. A step written twice keeps the
-        later values.
+        later values. A record that carries the run's first non-finite
+        location adds a `nonfinite` event.
         """
         metric_rows = list(_metric_rows(run_id, records))
-        event_rows = [
-            (
-                run_id,
+        events = [
+            EventRow(
                 spike.step,
                 "spike",
                 spike.metric,
                 spike.value,
-                json.dumps({"zscore": _json_float(spike.zscore), "median": _json_float(spike.median)}),
+                {"zscore": _json_float(spike.zscore), "median": _json_float(spike.median)},
             )
             for spike in spikes
         ]
+        events += [_nonfinite_event(record) for record in records if _first_nonfinite(record) is not None]
 
-        with self._connection:
+        with self._write():
             self._connection.executemany(
                 "INSERT OR REPLACE INTO metrics (run_id, metric, step, block, value) "
                 "VALUES (?, ?, ?, ?, ?)",
                 metric_rows,
             )
-            if event_rows:
-                self._connection.executemany(
-                    "INSERT INTO events (run_id, step, kind, metric, value, detail) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    event_rows,
-                )
+            self._insert_events(run_id, events)
 
     def add_event(
         self,
@@ -375,11 +446,26 @@ class RunStore:
         detail: dict[str, Any] | None = None,
     ) -> None:
         """Insert one event such as `diverged` for `run_id` at `step`."""
-        with self._connection:
-            self._connection.execute(
+        with self._write():
+            self._insert_events(run_id, [EventRow(step, kind, metric, value, detail)])
+
+    def _insert_events(self, run_id: str, events: Iterable[EventRow]) -> None:
+        rows = [
+            (
+                run_id,
+                event.step,
+                event.kind,
+                event.metric,
+                event.value,
+                None if event.detail is None else json.dumps(event.detail),
+            )
+            for event in events
+        ]
+        if rows:
+            self._connection.executemany(
                 "INSERT INTO events (run_id, step, kind, metric, value, detail) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (run_id, step, kind, metric, value, None if detail is None else json.dumps(detail)),
+                rows,
             )
 
     # Queries
@@ -471,6 +557,22 @@ class RunStore:
         ]
 
 
+def check_existing_store(path: str | Path) -> None:
+    """Raise ConfigError when `path` exists but is not a run store this version can write.
+
+    Reads only, so a command can reject a bad store file before it creates
+    anything next to it. An absent or empty file passes, since opening it
+    creates a new store.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        RunStore(path, read_only=True).close()
+    except EmptyStoreError:
+        return
+
+
 class StoreSink(Sink):
     """Sink that writes each flush of one run into a `RunStore`.
 
@@ -545,6 +647,22 @@ def _metric_rows(run_id: str, records: Sequence[StepRecord]) -> Iterable[tuple[A
         for metric, values in record.blocks.items():
             for block, value in enumerate(values):
                 yield (run_id, metric, record.step, block, float(value))
+
+
+def _first_nonfinite(record: StepRecord) -> Any:
+    return getattr(record, "first_nonfinite", None)
+
+
+def _nonfinite_event(record: StepRecord) -> EventRow:
+    """Return the `nonfinite` event of a record that carries the first NaN or Inf location."""
+    location = _first_nonfinite(record)
+    detail = {
+        "block": location.block,
+        "position": location.position,
+        "direction": location.direction,
+        "count": location.count,
+    }
+    return EventRow(location.step, "nonfinite", location.position, float(location.count), detail)
 
 
 def _read_float(value: float | None) -> float:
