@@ -173,3 +173,130 @@ def test_shipped_probes_reduced(tmp_path: Path) -> None:
     assert result.exit_code in (0, 1), result.output
     for path in sorted(folder.glob("*.toml")):
         assert path.name in result.stdout.replace("\n", "")
+
+
+VARIANT_PROBE = """
+[source]
+authors = "Doe et al."
+year = 2020
+title = "A Paper"
+where = "Figure 2"
+
+[experiment]
+strategies = ["pre"]
+depths = [2]
+width = 32
+heads = 2
+steps = 2
+lr = 1e-3
+batch_size = 2
+seq_len = 16
+seeds = [0]
+
+[[variant]]
+name = "warm"
+warmup = 2
+
+[[variant]]
+name = "cold"
+warmup = 0
+
+[[claim]]
+id = "loss-ratio"
+statement = "A ratio of two losses is positive."
+reduce = "final_loss"
+strategy = "pre"
+variant = "cold"
+baseline_variant = "warm"
+expect = [0.0, 1e30]
+"""
+
+INVARIANCE_PROBE = """
+[source]
+authors = "Doe et al."
+year = 2025
+title = "A Paper"
+where = "Section 3"
+
+[experiment]
+kind = "invariance"
+strategies = ["hybrid", "pre"]
+depths = [1]
+width = 16
+heads = 2
+batch_size = 2
+seq_len = 8
+seeds = [0, 1]
+
+[[claim]]
+id = "exponent"
+statement = "QKV-Norm makes the W_Q gradient scale like 1/c."
+metric = "invariance/grad_exponent.q"
+reduce = "value"
+strategy = "hybrid"
+expect = [-1.01, -0.99]
+
+[[claim]]
+id = "pre-cosine"
+statement = "Pre-Norm's W_Q gradient is not orthogonal to W_Q."
+metric = "invariance/cosine.q"
+reduce = "value"
+strategy = "pre"
+expect = [1e-3, 1.0]
+"""
+
+
+def test_variants_run_into_own_folders(tmp_path: Path) -> None:
+    path = tmp_path / "files" / "variants.toml"
+    path.parent.mkdir()
+    path.write_text(VARIANT_PROBE)
+
+    result = invoke("probe", path, "--json", "--out", tmp_path / "runs")
+
+    assert result.exit_code == 0, result.output
+    probe = json.loads(result.stdout)[0]
+    assert probe["variants"] == ["warm", "cold"]
+    assert probe["runs"] == 2
+    assert probe["cpu_time_s"] > 0
+    claim = probe["claims"][0]
+    assert claim["variant"] == "cold"
+    assert claim["baseline_variant"] == "warm"
+    assert claim["verdict"] == "PASS"
+    assert (tmp_path / "runs" / "variants" / "warm" / "store.sqlite").is_file()
+    assert (tmp_path / "runs" / "variants" / "cold" / "store.sqlite").is_file()
+
+
+def test_variant_table_names_variants(tmp_path: Path) -> None:
+    path = tmp_path / "variants.toml"
+    path.write_text(VARIANT_PROBE)
+
+    result = invoke("probe", path, "--out", tmp_path / "runs")
+
+    assert result.exit_code == 0, result.output
+    assert "pre [cold] / pre [warm]" in result.stdout
+
+
+def test_invariance_kind_through_cli(tmp_path: Path) -> None:
+    path = tmp_path / "invariance.toml"
+    path.write_text(INVARIANCE_PROBE)
+
+    result = invoke("probe", path, "--json", "--out", tmp_path / "runs")
+
+    assert result.exit_code == 0, result.output
+    probe = json.loads(result.stdout)[0]
+    assert probe["kind"] == "invariance"
+    assert probe["runs"] == 4
+    assert [claim["verdict"] for claim in probe["claims"]] == ["PASS", "PASS"]
+    assert probe["claims"][0]["n"] == 2
+    assert (tmp_path / "runs" / "invariance" / "measurements.json").is_file()
+
+
+def test_shard_trains_each_variant(tmp_path: Path) -> None:
+    path = tmp_path / "variants.toml"
+    path.write_text(VARIANT_PROBE)
+
+    result = invoke("probe", path, "--shard", "1/1", "--out", tmp_path / "runs")
+
+    assert result.exit_code == 0, result.output
+    for variant in ("warm", "cold"):
+        assert list((tmp_path / "runs" / "variants" / variant).glob("store*.sqlite")), variant

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +13,14 @@ from scipy import stats
 
 from stabiliscope.errors import ConfigError
 from stabiliscope.experiments.claims import (
+    ClaimSource,
+    MissingDataError,
     evaluate_claim,
+    evaluate_claim_from,
     mean_confidence_interval,
     reduce_for_seed,
+    reduce_measured,
+    reduce_profile,
 )
 from stabiliscope.experiments.probes import (
     Claim,
@@ -22,9 +28,11 @@ from stabiliscope.experiments.probes import (
     find_probe_files,
     load_probe,
     sweep_config,
+    sweep_configs,
     train_steps,
+    variant_folder,
 )
-from stabiliscope.experiments.sweep import make_run_id
+from stabiliscope.experiments.sweep import grid, make_run_id, point_configs, run_sweep
 from stabiliscope.sinks.store import RunStore
 from stabiliscope.watch.records import StepRecord
 
@@ -407,3 +415,417 @@ def test_verdict_uses_mean_inside_expect(synthetic_store: RunStore, experiment: 
     assert outside.verdict == "FAIL"
     assert inside.n == 2
     assert inside.to_dict()["ci"] is not None
+
+
+# Variants
+
+VARIANT_PROBE = """
+[source]
+authors = "Doe et al."
+year = 2020
+title = "A Paper"
+where = "Figure 2"
+
+[experiment]
+strategies = ["pre", "post"]
+depths = [2]
+width = 32
+heads = 2
+steps = 4
+lr = 1e-3
+batch_size = 2
+seq_len = 16
+seeds = [0, 1]
+
+[[variant]]
+name = "warm"
+warmup = 2
+
+[[variant]]
+name = "cold"
+warmup = 0
+lr = 2e-3
+
+[reduced]
+seeds = [0]
+
+[[claim]]
+id = "post-cold-vs-warm"
+statement = "Post-Norm ends worse without warmup."
+reduce = "final_loss"
+strategy = "post"
+variant = "cold"
+baseline_variant = "warm"
+expect = [1.0, 1e30]
+"""
+
+
+def test_variants_load_in_file_order(tmp_path: Path) -> None:
+    probe = load_probe(write_probe(tmp_path, VARIANT_PROBE))
+
+    assert list(probe.variants) == ["warm", "cold"]
+    assert probe.variant_names() == ["warm", "cold"]
+    assert probe.grid(variant="warm").warmup == 2
+    assert probe.grid(variant="warm").lr == 1e-3
+    assert probe.grid(variant="cold").warmup == 0
+    assert probe.grid(variant="cold").lr == 2e-3
+    assert probe.grid(reduced=True, variant="cold").seeds == [0]
+    assert probe.grid(reduced=True, variant="cold").lr == 2e-3
+
+
+def test_variant_claim_fields(tmp_path: Path) -> None:
+    claim = load_probe(write_probe(tmp_path, VARIANT_PROBE)).claims[0]
+
+    assert claim.variant == "cold"
+    assert claim.baseline_variant == "warm"
+    assert claim.baseline is None
+    assert claim.describe_subject() == "post [cold] / post [warm]"
+
+
+def test_variant_folders(tmp_path: Path) -> None:
+    probe = load_probe(write_probe(tmp_path, VARIANT_PROBE))
+
+    configs = sweep_configs(probe, tmp_path / "out")
+
+    assert variant_folder(tmp_path / "out", "warm") == tmp_path / "out" / "warm"
+    assert variant_folder(tmp_path / "out", None) == tmp_path / "out"
+    assert [config.out for config in configs] == [tmp_path / "out" / "warm", tmp_path / "out" / "cold"]
+    assert [config.warmup for config in configs] == [2, 0]
+
+
+def test_file_without_variants_has_one_grid(tmp_path: Path) -> None:
+    probe = load_probe(write_probe(tmp_path, VALID_PROBE))
+
+    assert probe.variants == {}
+    assert probe.variant_names() == [None]
+    assert probe.claims[0].describe_subject() == "pre"
+
+
+VARIANT_BAD_CASES = [
+    # (old text, new text, expected words in the message)
+    ('name = "cold"\nwarmup = 0\nlr = 2e-3\n', 'name = "cold"\n', "variant 'cold': changes no setting"),
+    ('name = "cold"', 'name = "warm"', "variant 'warm': name is used by an earlier variant"),
+    ('name = "cold"', 'name = "../cold"', "variant '../cold': name must contain only letters"),
+    ('name = "cold"\n', "", "variant 2: missing key 'name'"),
+    ("warmup = 0\nlr = 2e-3", "warmup = 0\ndepths = [4]", "variant 'cold': unknown key 'depths'"),
+    ("warmup = 0\nlr = 2e-3", "warmup = -1", "variant 'cold': warmup must be an integer >= 0, got -1"),
+    ("warmup = 0\nlr = 2e-3", 'init = "glorot"', "variant 'cold': unknown init 'glorot'"),
+    ('variant = "cold"\n', "", "claim 'post-cold-vs-warm': missing key 'variant'"),
+    ('variant = "cold"', 'variant = "hot"', "claim 'post-cold-vs-warm': unknown variant 'hot' (expected one of: warm, cold)"),
+    ('baseline_variant = "warm"', 'baseline_variant = "cold"', "baseline_variant 'cold' must be another variant"),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), VARIANT_BAD_CASES)
+def test_invalid_variant_names_file_and_key(tmp_path: Path, old: str, new: str, expected: str) -> None:
+    path = write_probe(tmp_path, replace_line(VARIANT_PROBE, old, new))
+
+    with pytest.raises(ConfigError) as raised:
+        load_probe(path)
+
+    message = str(raised.value)
+    assert message.startswith(f"{path}: ")
+    assert expected in message
+
+
+def test_variant_key_needs_variants(tmp_path: Path) -> None:
+    text = replace_line(VALID_PROBE, 'strategy = "pre"\n', 'strategy = "pre"\nvariant = "cold"\n')
+
+    with pytest.raises(ConfigError, match="claim 'pre-slope': variant needs \\[\\[variant\\]\\] entries"):
+        load_probe(write_probe(tmp_path, text))
+
+
+def test_baseline_variant_allows_same_strategy(tmp_path: Path) -> None:
+    text = replace_line(VARIANT_PROBE, 'strategy = "post"\n', 'strategy = "post"\nbaseline = "post"\n')
+
+    claim = load_probe(write_probe(tmp_path, text)).claims[0]
+
+    assert claim.baseline == "post"
+    assert claim.describe_subject() == "post [cold] / post [warm]"
+
+
+# Embedding scale
+
+
+def test_embed_scale_reaches_sweep(tmp_path: Path) -> None:
+    text = replace_line(VALID_PROBE, "seq_len = 16", 'seq_len = 16\nembed_scale = "sqrt_d"')
+    probe = load_probe(write_probe(tmp_path, text))
+
+    config = sweep_config(probe.experiment, tmp_path / "out")
+    model, _ = point_configs(config, grid(config)[0], vocab_size=256)
+
+    assert probe.experiment.embed_scale == "sqrt_d"
+    assert config.embed_scale == "sqrt_d"
+    assert model.embed_scale == "sqrt_d"
+
+
+def test_sweep_rejects_unknown_embed_scale(tmp_path: Path) -> None:
+    config = sweep_config(load_probe(write_probe(tmp_path, VALID_PROBE)).experiment, tmp_path / "out")
+    config.embed_scale = "huge"
+
+    with pytest.raises(ConfigError, match="unknown embed_scale 'huge'; expected one of: default, sqrt_d"):
+        config.validate()
+
+
+def test_embed_scale_recorded_in_run(tmp_path: Path, single_torch_thread: None) -> None:
+    text = replace_line(VALID_PROBE, "seq_len = 16", 'seq_len = 16\nembed_scale = "sqrt_d"')
+    probe = load_probe(write_probe(tmp_path, text))
+    experiment = dataclasses.replace(probe.experiment, strategies=["pre"], depths=[2], seeds=[0])
+
+    run_sweep(sweep_config(experiment, tmp_path / "out"))
+
+    with RunStore(tmp_path / "out" / "store.sqlite", read_only=True) as store:
+        run = store.get_run(make_run_id("pre", 2, 0))
+    assert run is not None
+    assert run.config["model"]["embed_scale"] == "sqrt_d"
+
+
+# Measurement kinds
+
+INVARIANCE_PROBE = """
+[source]
+authors = "Doe et al."
+year = 2025
+title = "A Paper"
+where = "Section 3"
+
+[experiment]
+kind = "invariance"
+strategies = ["hybrid", "pre"]
+depths = [1, 2]
+width = 16
+heads = 2
+batch_size = 2
+seq_len = 8
+seeds = [0]
+
+[[claim]]
+id = "cosine"
+statement = "The gradient is orthogonal to the weight."
+metric = "invariance/cosine.q"
+reduce = "value"
+strategy = "hybrid"
+expect = [0.0, 1e-3]
+"""
+
+
+def test_invariance_probe_loads(tmp_path: Path) -> None:
+    probe = load_probe(write_probe(tmp_path, INVARIANCE_PROBE))
+
+    assert probe.experiment.kind == "invariance"
+    assert probe.experiment.steps == 0
+    assert probe.experiment.weight_scale == 4.0
+    assert probe.claims[0].at == "init"
+    assert sweep_configs(probe, tmp_path / "out") == []
+
+
+KIND_BAD_CASES = [
+    ("seeds = [0]\n", "seeds = [0]\nlr = 1e-3\n", "[experiment]: unknown key 'lr'"),
+    ("seeds = [0]\n", "seeds = [0]\nsteps = 3\n", "[experiment]: unknown key 'steps'"),
+    ('kind = "invariance"', 'kind = "magic"', "[experiment]: unknown kind 'magic' (expected one of: sweep, invariance, model_update)"),
+    ("seeds = [0]\n", "seeds = [0]\nweight_scale = 1.0\n", "weight_scale must be a positive number other than 1, got 1.0"),
+    ("seeds = [0]\n", "seeds = [0]\n\n[reduced]\nsteps = 0\n", "[reduced]: steps does not apply to kind 'invariance'"),
+    ('metric = "invariance/cosine.q"', 'metric = "grad/mlp.out"', "claim 'cosine': unknown metric 'grad/mlp.out' for kind 'invariance'"),
+    ('reduce = "value"', 'reduce = "max_over_min"', "claim 'cosine': reduce 'max_over_min' does not apply to kind 'invariance'"),
+    ('id = "cosine"\n', 'id = "cosine"\nat = "final"\n', "claim 'cosine': at does not apply to kind 'invariance'"),
+    ('id = "cosine"\n', 'id = "cosine"\ndepth = 3\n', "claim 'cosine': depth 3 is not in [experiment] depths [1, 2]"),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), KIND_BAD_CASES)
+def test_invalid_kind_names_file_and_key(tmp_path: Path, old: str, new: str, expected: str) -> None:
+    path = write_probe(tmp_path, replace_line(INVARIANCE_PROBE, old, new))
+
+    with pytest.raises(ConfigError) as raised:
+        load_probe(path)
+
+    message = str(raised.value)
+    assert message.startswith(f"{path}: ")
+    assert expected in message
+
+
+def test_value_reducer_needs_measurement_kind(tmp_path: Path) -> None:
+    text = replace_line(VALID_PROBE, 'reduce = "loglog_slope_vs_depth"', 'reduce = "value"')
+
+    with pytest.raises(ConfigError, match="claim 'pre-slope': reduce 'value' applies only to measurement kinds"):
+        load_probe(write_probe(tmp_path, text))
+
+
+def test_model_update_needs_steps(tmp_path: Path) -> None:
+    text = replace_line(VALID_PROBE, "seq_len = 16", 'seq_len = 16\nkind = "model_update"')
+
+    with pytest.raises(ConfigError, match=r"\[experiment\]: steps must be an integer >= 1, got 0"):
+        load_probe(write_probe(tmp_path, text))
+
+
+def test_model_update_claim_reads_final(tmp_path: Path) -> None:
+    text = replace_line(VALID_PROBE, "seq_len = 16", 'seq_len = 16\nkind = "model_update"')
+    text = replace_line(text, "steps = 0", "steps = 3")
+    text = replace_line(text, "[reduced]\ndepths = [2, 3]", "[reduced]\ndepths = [2, 3]\nsteps = 2")
+    text = replace_line(text, 'metric = "grad/mlp.out"', 'metric = "model_update/max"')
+
+    probe = load_probe(write_probe(tmp_path, text))
+
+    assert probe.experiment.kind == "model_update"
+    assert probe.claims[0].at == "final"
+    assert probe.grid(reduced=True).steps == 2
+
+
+# New reducers by hand
+
+
+def test_loglog_slope_vs_layer_by_hand(synthetic_store: RunStore, experiment: Experiment) -> None:
+    claim = make_claim("loglog_slope_vs_layer", depth=2)
+
+    # Seed 0, depth 2: [4, 2] against layers 1, 2 gives log(2/4)/log(2) = -1.
+    assert reduce_for_seed(synthetic_store, experiment, claim, 0) == pytest.approx(-1.0)
+    # Seed 1, depth 2: [3, 6] gives +1.
+    assert reduce_for_seed(synthetic_store, experiment, claim, 1) == pytest.approx(1.0)
+
+
+def test_loglog_slope_vs_layer_power_law() -> None:
+    # 3 * (l + 1)^0.5 over four blocks is an exact power law with exponent 0.5.
+    profile = [3.0 * math.sqrt(layer + 1) for layer in range(4)]
+
+    assert reduce_profile(profile, "loglog_slope_vs_layer") == pytest.approx(0.5)
+
+
+def test_loglog_slope_vs_layer_rejects_zero() -> None:
+    with pytest.raises(MissingDataError, match="not positive in every block"):
+        reduce_profile([1.0, 0.0, 2.0], "loglog_slope_vs_layer", run_id="r", metric="m")
+
+
+MEASURED = {
+    make_run_id("hybrid", 1, 0): {"invariance/cosine.q": 1e-5, "model_update/max": 0.2},
+    make_run_id("hybrid", 2, 0): {"invariance/cosine.q": 2e-5, "model_update/max": 0.2},
+    make_run_id("pre", 1, 0): {"invariance/cosine.q": 0.05, "model_update/max": 0.1},
+    make_run_id("pre", 2, 0): {"invariance/cosine.q": 0.04, "model_update/max": 0.4},
+    make_run_id("hybrid", 1, 1): {"invariance/cosine.q": math.nan, "model_update/max": 0.2},
+}
+
+
+@pytest.fixture
+def measured_experiment(tmp_path: Path) -> Experiment:
+    return load_probe(write_probe(tmp_path, INVARIANCE_PROBE)).experiment
+
+
+def test_measured_value_by_hand(measured_experiment: Experiment) -> None:
+    claim = make_claim("value", metric="invariance/cosine.q", strategy="hybrid")
+    shallow = make_claim("value", metric="invariance/cosine.q", strategy="pre", depth=1)
+
+    # Without a depth the deepest run (depth 2) is read.
+    assert reduce_measured(MEASURED, measured_experiment, claim, 0) == 2e-5
+    assert reduce_measured(MEASURED, measured_experiment, shallow, 0) == 0.05
+
+
+def test_measured_loglog_slope_by_hand(measured_experiment: Experiment) -> None:
+    claim = make_claim("loglog_slope_vs_depth", metric="model_update/max", strategy="pre")
+    flat = make_claim("loglog_slope_vs_depth", metric="model_update/max", strategy="hybrid")
+
+    # 0.1 at depth 1 and 0.4 at depth 2: log(4)/log(2) = 2.
+    assert reduce_measured(MEASURED, measured_experiment, claim, 0) == pytest.approx(2.0)
+    assert reduce_measured(MEASURED, measured_experiment, flat, 0) == pytest.approx(0.0)
+
+
+def test_measured_missing_and_nan(measured_experiment: Experiment) -> None:
+    missing = make_claim("value", metric="invariance/cosine.q", strategy="pre")
+    not_finite = make_claim("value", metric="invariance/cosine.q", strategy="hybrid", depth=1)
+
+    with pytest.raises(MissingDataError, match="run pre-L02-s1 has no measured values"):
+        reduce_measured(MEASURED, measured_experiment, missing, 1)
+    with pytest.raises(MissingDataError, match="run hybrid-L01-s1: invariance/cosine.q is nan"):
+        reduce_measured(MEASURED, measured_experiment, not_finite, 1)
+
+
+def test_measured_baseline_ratio_by_hand(measured_experiment: Experiment) -> None:
+    experiment = dataclasses.replace(measured_experiment, seeds=[0])
+    claim = make_claim("value", metric="invariance/cosine.q", strategy="hybrid", baseline="pre")
+
+    result = evaluate_claim_from({None: ClaimSource(experiment, measured=MEASURED)}, claim)
+
+    assert result.values == {0: pytest.approx(2e-5 / 0.04)}
+    assert result.ci is None
+
+
+def test_baseline_variant_ratio_by_hand(tmp_path: Path, experiment: Experiment) -> None:
+    # Two variants of one final-loss claim: "cold" losses 6 and 8, "warm" losses 3 and 4.
+    stores = {}
+    for variant, scale in (("cold", 2.0), ("warm", 1.0)):
+        store = RunStore.open(tmp_path / variant)
+        for seed, loss in FINAL_LOSS.items():
+            run_id = make_run_id("post", 4, seed)
+            store.begin_run(run_id, {}, strategy="post", depth=4, width=8, seed=seed)
+            store.write_records(run_id, [StepRecord(step=0, scalars={"loss": 5.0}, blocks={})])
+            store.finish_run(
+                run_id,
+                status="completed",
+                diverged_step=None,
+                final_train_loss=scale * loss,
+                final_val_loss=None,
+                spike_count=0,
+                wall_time_s=1.0,
+                tokens_per_s=1.0,
+            )
+        stores[variant] = store
+    claim = make_claim("final_loss", metric="loss", strategy="post", variant="cold", baseline_variant="warm")
+    sources = {name: ClaimSource(experiment, store=store) for name, store in stores.items()}
+
+    result = evaluate_claim_from(sources, claim)
+
+    for store in stores.values():
+        store.close()
+    assert result.error is None
+    assert result.values == {0: pytest.approx(2.0), 1: pytest.approx(2.0)}
+    assert result.mean == pytest.approx(2.0)
+    assert result.to_dict()["variant"] == "cold"
+    assert result.to_dict()["baseline_variant"] == "warm"
+
+
+STRATEGY_VARIANTS = """
+[[variant]]
+name = "post_xavier"
+strategies = ["post"]
+init = "xavier"
+
+[[variant]]
+name = "pre_auto"
+strategies = ["pre"]
+init = "auto"
+"""
+
+
+def strategy_variant_probe(claim_lines: str) -> str:
+    head = VALID_PROBE[: VALID_PROBE.index("[reduced]")]
+    claim = (
+        '[[claim]]\nid = "ratio"\nstatement = "s"\nmetric = "grad/mlp.out"\nreduce = "max_over_min"\n'
+        + claim_lines
+        + "expect = [0.0, 1.0]\n"
+    )
+    return head + STRATEGY_VARIANTS + claim
+
+
+def test_variant_runs_own_strategies(tmp_path: Path) -> None:
+    text = strategy_variant_probe(
+        'strategy = "pre"\nvariant = "pre_auto"\nbaseline = "post"\nbaseline_variant = "post_xavier"\n'
+    )
+
+    probe = load_probe(write_probe(tmp_path, text))
+
+    assert probe.grid(variant="post_xavier").strategies == ["post"]
+    assert probe.grid(variant="post_xavier").init == "xavier"
+    assert probe.grid(variant="pre_auto").strategies == ["pre"]
+    assert probe.claims[0].describe_subject() == "pre [pre_auto] / post [post_xavier]"
+
+
+def test_claim_strategy_must_be_in_its_variant(tmp_path: Path) -> None:
+    text = strategy_variant_probe('strategy = "post"\nvariant = "pre_auto"\n')
+
+    with pytest.raises(ConfigError, match=r"claim 'ratio': strategy 'post' is not in variant 'pre_auto' strategies \(pre\)"):
+        load_probe(write_probe(tmp_path, text))
+
+
+def test_baseline_must_be_in_baseline_variant(tmp_path: Path) -> None:
+    text = strategy_variant_probe('strategy = "pre"\nvariant = "pre_auto"\nbaseline_variant = "post_xavier"\n')
+
+    with pytest.raises(ConfigError, match=r"baseline 'pre' is not in variant 'post_xavier' strategies \(post\)"):
+        load_probe(write_probe(tmp_path, text))

@@ -1,6 +1,7 @@
 """Claim reducers and verdicts: turn a probe's runs into one number per seed, then PASS or FAIL.
 
-Each claim is reduced once per seed from the run store. The measured value is
+Each claim is reduced once per seed from the run store, or, for the
+measurement kinds, from the values computed per run. The measured value is
 the mean over seeds, with a 95% confidence interval from Student's t
 distribution (no interval for a single seed). A claim passes when the mean lies
 inside its `expect` interval, ends included.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,15 +19,18 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from stabiliscope.experiments.measurements import Measured, run_measurements
 from stabiliscope.experiments.probes import (
     RUN_REDUCERS,
     Claim,
     Experiment,
     Probe,
     sweep_config,
+    variant_folder,
 )
 from stabiliscope.experiments.sweep import RunOutcome, SweepReporter, make_run_id, run_sweep
-from stabiliscope.sinks.store import STORE_FILENAME, RunStore
+from stabiliscope.experiments.shards import SweepReader
+from stabiliscope.sinks.store import RunStore
 
 CONFIDENCE = 0.95
 
@@ -70,6 +75,9 @@ class ClaimResult:
             "statement": claim.statement,
             "strategy": claim.strategy,
             "baseline": claim.baseline,
+            "variant": claim.variant,
+            "baseline_variant": claim.baseline_variant,
+            "depth": claim.depth,
             "metric": claim.metric,
             "reduce": claim.reduce,
             "at": claim.at,
@@ -93,6 +101,12 @@ class ProbeResult:
     claims: list[ClaimResult]
     outcomes: list[RunOutcome] = field(default_factory=list)
     wall_time_s: float | None = None
+    failed_runs: list[str] = field(default_factory=list)
+    """Ids of failed runs, as `<variant>/<run id>` in a file with variants."""
+    cpu_time_s: float | None = None
+    """CPU time of this process over all its threads (`time.process_time`). It
+    leaves out the time other programs take from a shared machine, and the
+    runs that `workers > 1` trains in other processes."""
 
     @property
     def passed(self) -> bool:
@@ -109,11 +123,14 @@ class ProbeResult:
                 "title": source.title,
                 "where": source.where,
             },
+            "kind": self.probe.experiment.kind,
+            "variants": list(self.probe.variants),
             "reduced": self.reduced,
             "out": str(self.out),
             "runs": len(self.outcomes),
-            "failed_runs": [outcome.run_id for outcome in self.outcomes if outcome.status == "failed"],
+            "failed_runs": list(self.failed_runs),
             "wall_time_s": self.wall_time_s,
+            "cpu_time_s": self.cpu_time_s,
             "passed": self.passed,
             "claims": [result.to_dict() for result in self.claims],
         }
@@ -126,18 +143,48 @@ def run_probe(
     out: Path | None = None,
     device: str = "cpu",
     reporter: SweepReporter | None = None,
+    workers: int = 1,
 ) -> ProbeResult:
     """Train the probe's grid (skipping runs finished earlier in `out`) and check every claim.
 
-    `out` defaults to `probe.default_out(reduced=reduced)`. Raises ConfigError
-    for an invalid grid or a sweep folder that contains runs of another configuration.
+    `out` defaults to `probe.default_out(reduced=reduced)`. Each `[[variant]]`
+    runs into its own folder `out/<variant>`. `workers` trains that many runs
+    at once (see `run_sweep`). Claims read every store of a sweep folder, so
+    runs trained there by `--shard` invocations count. Measurement kinds
+    (`invariance`, `model_update`) are computed again on every call and ignore
+    `workers`. Raises ConfigError for an invalid grid or a sweep folder that
+    contains runs of another configuration.
     """
-    experiment = probe.grid(reduced=reduced)
     out = Path(out) if out is not None else probe.default_out(reduced=reduced)
     started = time.perf_counter()
-    outcomes = run_sweep(sweep_config(experiment, out, device), reporter)
-    with RunStore(out / STORE_FILENAME, read_only=True) as store:
-        results = [evaluate_claim(store, experiment, claim) for claim in probe.claims]
+    cpu_started = time.process_time()
+    outcomes: list[RunOutcome] = []
+    failed_runs: list[str] = []
+    measured: dict[str | None, Measured] = {}
+    for variant in probe.variant_names():
+        experiment = probe.grid(reduced=reduced, variant=variant)
+        folder = variant_folder(out, variant)
+        if experiment.kind == "sweep":
+            variant_outcomes = run_sweep(sweep_config(experiment, folder, device), reporter, workers=workers)
+        else:
+            variant_outcomes, measured[variant] = run_measurements(
+                experiment, folder, device=device, reporter=reporter
+            )
+        outcomes.extend(variant_outcomes)
+        prefix = "" if variant is None else f"{variant}/"
+        failed_runs.extend(prefix + item.run_id for item in variant_outcomes if item.status == "failed")
+
+    with ExitStack() as stack:
+        sources: dict[str | None, ClaimSource] = {}
+        for variant in probe.variant_names():
+            experiment = probe.grid(reduced=reduced, variant=variant)
+            if variant in measured:
+                sources[variant] = ClaimSource(experiment, measured=measured[variant])
+            else:
+                store = stack.enter_context(SweepReader.open(variant_folder(out, variant)))
+                sources[variant] = ClaimSource(experiment, store=store)
+        results = [evaluate_claim_from(sources, claim) for claim in probe.claims]
+
     return ProbeResult(
         probe=probe,
         reduced=reduced,
@@ -145,19 +192,51 @@ def run_probe(
         claims=results,
         outcomes=outcomes,
         wall_time_s=time.perf_counter() - started,
+        cpu_time_s=time.process_time() - cpu_started,
+        failed_runs=failed_runs,
     )
 
 
+@dataclass
+class ClaimSource:
+    """Experiment of one variant, with the run store or the measured values that its claims read."""
+
+    experiment: Experiment
+    store: RunStore | SweepReader | None = None
+    measured: Measured | None = None
+
+    def reduce(self, claim: Claim, seed: int, strategy: str) -> float:
+        """Return the claim's reduced value for `strategy` and `seed`. Raises MissingDataError when data is missing."""
+        if self.measured is not None:
+            return reduce_measured(self.measured, self.experiment, claim, seed, strategy=strategy)
+        if self.store is None:
+            raise ValueError("a ClaimSource needs a store or measured values")
+        return reduce_for_seed(self.store, self.experiment, claim, seed, strategy=strategy)
+
+
 def evaluate_claim(store: RunStore, experiment: Experiment, claim: Claim) -> ClaimResult:
-    """Reduce `claim` for every seed of `experiment` and summarize the seeds."""
+    """Reduce `claim` for every seed of `experiment` and summarize the seeds (a file without variants)."""
+    return evaluate_claim_from({None: ClaimSource(experiment, store=store)}, claim)
+
+
+def evaluate_claim_from(sources: dict[str | None, ClaimSource], claim: Claim) -> ClaimResult:
+    """Reduce `claim` for every seed, reading each variant from `sources[variant]`, and summarize the seeds.
+
+    With a baseline (another strategy, another variant or both), each seed's
+    value is divided by the baseline's value for the same seed.
+    """
     result = ClaimResult(claim=claim)
+    source = sources[claim.variant]
+    baseline_source = sources[claim.baseline_variant or claim.variant]
+    has_baseline = claim.baseline is not None or claim.baseline_variant is not None
+    baseline_strategy = claim.baseline or claim.strategy
     try:
-        for seed in experiment.seeds:
-            value = reduce_for_seed(store, experiment, claim, seed)
-            if claim.baseline is not None:
-                baseline = reduce_for_seed(store, experiment, claim, seed, strategy=claim.baseline)
+        for seed in source.experiment.seeds:
+            value = source.reduce(claim, seed, claim.strategy)
+            if has_baseline:
+                baseline = baseline_source.reduce(claim, seed, baseline_strategy)
                 if baseline == 0:
-                    raise MissingDataError(f"baseline {claim.baseline!r} reduces to 0 for seed {seed}")
+                    raise MissingDataError(f"baseline {_describe_baseline(claim)} reduces to 0 for seed {seed}")
                 value = value / baseline
             result.values[seed] = value
     except MissingDataError as error:
@@ -166,6 +245,13 @@ def evaluate_claim(store: RunStore, experiment: Experiment, claim: Claim) -> Cla
 
     result.mean, result.ci = mean_confidence_interval(list(result.values.values()))
     return result
+
+
+def _describe_baseline(claim: Claim) -> str:
+    baseline = repr(claim.baseline or claim.strategy)
+    if claim.baseline_variant is not None:
+        baseline += f" in variant {claim.baseline_variant!r}"
+    return baseline
 
 
 def mean_confidence_interval(
@@ -219,7 +305,61 @@ def reduce_profile(profile: list[float], reduce: str, *, run_id: str = "", metri
                 f"run {run_id}: {metric} is the same in every block, so its rank correlation is undefined"
             )
         return float(stats.spearmanr(np.arange(len(profile)), profile).statistic)
+    if reduce == "loglog_slope_vs_layer":
+        return _loglog_slope_vs_layer(profile, run_id, metric)
     raise ValueError(f"{reduce!r} is not a per-profile reducer")
+
+
+def _loglog_slope_vs_layer(profile: list[float], run_id: str, metric: str) -> float:
+    # Least-squares slope of log(value) against log(l + 1), the power-law
+    # exponent of the profile. It is 0.5 for an RMS whose square grows linearly.
+    if not all(value > 0 for value in profile):
+        raise MissingDataError(f"run {run_id}: {metric} is not positive in every block, so its log is undefined")
+    layers = np.arange(1, len(profile) + 1)
+    slope, _ = np.polyfit(np.log(layers), np.log(profile), deg=1)
+    return float(slope)
+
+
+def reduce_measured(
+    measured: Measured, experiment: Experiment, claim: Claim, seed: int, *, strategy: str | None = None
+) -> float:
+    """Return a measurement-kind claim's value for one seed (of `strategy`, default the claim's).
+
+    `value` reads the run at `claim.depth` (default the deepest);
+    `loglog_slope_vs_depth` fits log(value) against log(depth) over every
+    depth. Raises MissingDataError when a run failed or a value is not finite.
+    """
+    strategy = strategy or claim.strategy
+    if claim.reduce == "loglog_slope_vs_depth":
+        log_depths, log_values = [], []
+        for depth in experiment.depths:
+            value = _measured_value(measured, strategy, depth, seed, claim.metric)
+            if not value > 0:
+                raise MissingDataError(
+                    f"run {make_run_id(strategy, depth, seed)}: {claim.metric} is {value!r}; "
+                    "a log-log slope needs positive values"
+                )
+            log_depths.append(math.log(depth))
+            log_values.append(math.log(value))
+        slope, _ = np.polyfit(log_depths, log_values, deg=1)
+        return float(slope)
+    if claim.reduce == "value":
+        depth = claim.depth if claim.depth is not None else max(experiment.depths)
+        return _measured_value(measured, strategy, depth, seed, claim.metric)
+    raise ValueError(f"{claim.reduce!r} is not a reducer of measured values")
+
+
+def _measured_value(measured: Measured, strategy: str, depth: int, seed: int, metric: str) -> float:
+    run_id = make_run_id(strategy, depth, seed)
+    values = measured.get(run_id)
+    if values is None:
+        raise MissingDataError(f"run {run_id} has no measured values (it failed or is not in the grid)")
+    value = values.get(metric)
+    if value is None:
+        raise MissingDataError(f"run {run_id} measured no {metric}")
+    if not math.isfinite(value):
+        raise MissingDataError(f"run {run_id}: {metric} is {value!r}, not a finite number")
+    return value
 
 
 def _loglog_slope_vs_depth(

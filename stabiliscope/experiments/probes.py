@@ -5,7 +5,14 @@ A probe file has four parts:
 - `[source]`: `authors`, `year`, `title` and `where` (the figure or theorem).
 - `[experiment]`: the grid and settings of the runs, with the fields of
   `SweepConfig` (`strategies` in place of `norms`). `steps = 0` requests the
-  model at initialization only.
+  model at initialization only. `kind` selects what is measured: `"sweep"`
+  (the default) trains the grid with a watch into a run store; `"invariance"`
+  and `"model_update"` compute the values of `KIND_METRICS` directly on the
+  reference model (see `stabiliscope.experiments.measurements`).
+- `[[variant]]` (optional): named settings of the same grid, each a `name`
+  and the `[experiment]` keys of `VARIANT_KEYS` it changes, such as
+  `warmup`. Each variant is run into its own sweep folder, and every claim
+  names the variant it reads.
 - `[reduced]` (optional): smaller `depths`, `seeds` and `steps` for a quick check.
 - `[[claim]]`: one entry per claim, checked by `stabiliscope.experiments.claims`.
 
@@ -17,14 +24,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stabiliscope.errors import ConfigError
+from stabiliscope.experiments.invariance import DEFAULT_WEIGHT_SCALE, INVARIANCE_METRICS
+from stabiliscope.experiments.model_update import MODEL_UPDATE_METRICS
 from stabiliscope.experiments.sweep import SweepConfig
-from stabiliscope.models import FFN_TYPES, INITS, NORM_TYPES, STRATEGIES
+from stabiliscope.models import FFN_TYPES, INITS, NORM_TYPES, STRATEGIES, ModelConfig
 from stabiliscope.models.config import EMBED_SCALES
 
 if sys.version_info >= (3, 11):
@@ -40,11 +50,30 @@ REDUCERS = (
     "growth_from_init",
     "diverged_step",
     "final_loss",
+    "loglog_slope_vs_layer",
+    "value",
 )
-"""Names accepted in a claim's `reduce`; `claims.reduce_for_seed` defines each one."""
+"""Names accepted in a claim's `reduce`, each defined in `claims.reduce_for_seed` or `claims.reduce_measured`."""
 
 RUN_REDUCERS = ("diverged_step", "final_loss")
 """Reducers that read a run's outcome (its loss) rather than a per-layer profile."""
+
+KINDS = ("sweep", "invariance", "model_update")
+"""Experiment kinds: what a probe measures and how."""
+
+KIND_METRICS: dict[str, tuple[str, ...]] = {
+    "invariance": INVARIANCE_METRICS,
+    "model_update": MODEL_UPDATE_METRICS,
+}
+"""The values each measurement kind computes, one set per (strategy, depth, seed)."""
+
+MEASUREMENT_REDUCERS = ("value", "loglog_slope_vs_depth")
+"""Reducers accepted for measurement kinds, whose values are one number per run."""
+
+VARIANT_KEYS = ("strategies", "init", "ffn", "norm", "warmup", "lr", "embed_scale", "grad_clip", "weight_scale")
+"""`[experiment]` keys a `[[variant]]` may change. Depths, seeds and steps are shared, so one `[reduced]` fits every variant."""
+
+_VARIANT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 AT_WORDS = ("init", "final")
 
@@ -62,10 +91,13 @@ _EXPERIMENT_REQUIRED = (
     "seq_len",
     "seeds",
 )
-_EXPERIMENT_OPTIONAL = ("init", "ffn", "norm", "warmup", "data", "embed_scale", "grad_clip")
+_EXPERIMENT_OPTIONAL = ("init", "ffn", "norm", "warmup", "data", "embed_scale", "grad_clip", "kind")
+# The invariance kind measures models at initialization, so it takes no training keys.
+_INVARIANCE_REQUIRED = ("strategies", "depths", "width", "heads", "batch_size", "seq_len", "seeds")
+_INVARIANCE_OPTIONAL = ("init", "ffn", "norm", "data", "embed_scale", "kind", "weight_scale")
 _REDUCED_KEYS = ("depths", "seeds", "steps")
 _CLAIM_REQUIRED = ("id", "statement", "reduce", "strategy", "expect")
-_CLAIM_OPTIONAL = ("metric", "at", "depth", "layer", "baseline")
+_CLAIM_OPTIONAL = ("metric", "at", "depth", "layer", "baseline", "variant", "baseline_variant")
 
 
 @dataclass(frozen=True)
@@ -102,6 +134,9 @@ class Experiment:
     data: Path | None = None
     embed_scale: str = "default"
     grad_clip: float | None = None
+    kind: str = "sweep"
+    # Factor by which the invariance kind scales one head's rows of W_Q, W_K or W_V.
+    weight_scale: float = DEFAULT_WEIGHT_SCALE
 
 
 @dataclass(frozen=True)
@@ -113,6 +148,10 @@ class Claim:
     `loglog_slope_vs_depth`, negative from the end (default -1, the last
     block). With `baseline` set, the measured value is the ratio of this
     strategy's value to the baseline strategy's, seed by seed.
+
+    `variant` names the `[[variant]]` the claim reads (None when the file has
+    none). With `baseline_variant`, the ratio's denominator is `baseline`
+    (default: this strategy) in that other variant.
     """
 
     id: str
@@ -125,28 +164,55 @@ class Claim:
     depth: int | None = None
     layer: int = -1
     baseline: str | None = None
+    variant: str | None = None
+    baseline_variant: str | None = None
+
+    def describe_subject(self) -> str:
+        """Return what the claim measures, such as `post [no_warmup] / post [warmup]`."""
+        subject = _with_variant(self.strategy, self.variant)
+        if self.baseline is None and self.baseline_variant is None:
+            return subject
+        baseline = _with_variant(self.baseline or self.strategy, self.baseline_variant or self.variant)
+        return f"{subject} / {baseline}"
+
+
+def _with_variant(strategy: str, variant: str | None) -> str:
+    return strategy if variant is None else f"{strategy} [{variant}]"
 
 
 @dataclass(frozen=True)
 class Probe:
-    """A parsed and validated probe file."""
+    """A parsed and validated probe file.
+
+    `variants` maps each `[[variant]]` name to its full experiment, in file
+    order; it is empty when the file has no variants.
+    """
 
     path: Path
     source: Source
     experiment: Experiment
     claims: list[Claim]
     reduced: dict[str, Any] = field(default_factory=dict)
+    variants: dict[str, Experiment] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         """The file stem, such as `xiong2020_theorem1`."""
         return self.path.stem
 
-    def grid(self, *, reduced: bool = False) -> Experiment:
-        """Return the experiment, with the `[reduced]` values applied when `reduced` is True."""
+    def grid(self, *, reduced: bool = False, variant: str | None = None) -> Experiment:
+        """Return the experiment of `variant` (None: `[experiment]`), with the `[reduced]` values applied when `reduced` is True.
+
+        Raises KeyError for a variant name the file does not define.
+        """
+        experiment = self.experiment if variant is None else self.variants[variant]
         if not reduced or not self.reduced:
-            return self.experiment
-        return dataclasses.replace(self.experiment, **self.reduced)
+            return experiment
+        return dataclasses.replace(experiment, **self.reduced)
+
+    def variant_names(self) -> list[str | None]:
+        """Return the names of the variants in file order, or `[None]` for a file without variants."""
+        return list(self.variants) if self.variants else [None]
 
     def default_out(self, *, reduced: bool = False, root: Path = DEFAULT_OUT_ROOT) -> Path:
         """Return the sweep folder `root/<stem>`, or `root/<stem>-reduced` for the reduced grid.
@@ -157,17 +223,18 @@ class Probe:
         return root / (f"{self.name}-reduced" if reduced else self.name)
 
 
+def variant_folder(out: Path, variant: str | None) -> Path:
+    """Return the sweep folder of `variant` inside a probe's folder `out`: `out/<variant>`, or `out` for None."""
+    return out if variant is None else out / variant
+
+
 def train_steps(experiment: Experiment) -> int:
     """Return the optimizer steps to train: one for `steps = 0`, since the step-0 record contains the init gradients."""
     return max(experiment.steps, 1)
 
 
 def sweep_config(experiment: Experiment, out: Path, device: str = "cpu") -> SweepConfig:
-    """Build the SweepConfig that trains the runs of `experiment` into `out`.
-
-    Raises ConfigError when `embed_scale` is set but the sweep has no such
-    option in this version.
-    """
+    """Build the SweepConfig that trains the runs of `experiment` into `out`."""
     values: dict[str, Any] = {
         "norms": list(experiment.strategies),
         "depths": list(experiment.depths),
@@ -186,16 +253,44 @@ def sweep_config(experiment: Experiment, out: Path, device: str = "cpu") -> Swee
         "norm": experiment.norm,
         "ffn": experiment.ffn,
         "grad_clip": experiment.grad_clip,
+        "embed_scale": experiment.embed_scale,
     }
-    if experiment.embed_scale != "default":
-        sweep_fields = {item.name for item in dataclasses.fields(SweepConfig)}
-        if "embed_scale" not in sweep_fields:
-            raise ConfigError(
-                f"embed_scale {experiment.embed_scale!r} is not supported by the sweep of this "
-                "stabiliscope version; remove embed_scale from [experiment]"
-            )
-        values["embed_scale"] = experiment.embed_scale
     return SweepConfig(**values)
+
+
+def sweep_configs(probe: Probe, out: Path, device: str = "cpu", *, reduced: bool = False) -> list[SweepConfig]:
+    """Return the SweepConfig of every variant of `probe` that trains a sweep, each into its folder under `out`.
+
+    Measurement kinds have no sweep, so a probe of such a kind returns an empty list.
+    """
+    configs = []
+    for variant in probe.variant_names():
+        experiment = probe.grid(reduced=reduced, variant=variant)
+        if experiment.kind == "sweep":
+            configs.append(sweep_config(experiment, variant_folder(out, variant), device))
+    return configs
+
+
+def model_config(experiment: Experiment, strategy: str, depth: int, *, vocab_size: int) -> ModelConfig:
+    """Build the model configuration of one run of `experiment`, as the sweep would for the same point.
+
+    The init is resolved ("auto" becomes the strategy's default), so the
+    configuration names the scheme it uses.
+    """
+    config = ModelConfig(
+        depth=depth,
+        width=experiment.width,
+        heads=experiment.heads,
+        strategy=strategy,
+        norm=experiment.norm,
+        ffn=experiment.ffn,
+        init=experiment.init,
+        vocab_size=vocab_size,
+        max_seq_len=experiment.seq_len,
+        embed_scale=experiment.embed_scale,
+    )
+    config.init = config.resolved_init
+    return config
 
 
 # Loading
@@ -242,10 +337,14 @@ def load_probe(path: str | Path) -> Probe:
 def parse_probe(document: dict[str, Any], path: Path) -> Probe:
     """Validate a decoded TOML document; `path` is used in error messages and as the probe name."""
     where = _Where(path)
-    _check_keys(where, "the top level", document, required=("source", "experiment", "claim"), optional=("reduced",))
+    _check_keys(
+        where, "the top level", document, required=("source", "experiment", "claim"), optional=("reduced", "variant")
+    )
 
     source = _parse_source(where, _table(where, "source", document["source"]))
-    experiment = _parse_experiment(where, _table(where, "experiment", document["experiment"]))
+    experiment_table = _table(where, "experiment", document["experiment"])
+    experiment = _parse_experiment(where, experiment_table)
+    variants = _parse_variants(where, document.get("variant"), experiment_table)
     reduced = _parse_reduced(where, document.get("reduced"), experiment)
 
     raw_claims = document["claim"]
@@ -254,13 +353,15 @@ def parse_probe(document: dict[str, Any], path: Path) -> Probe:
     claims: list[Claim] = []
     seen: set[str] = set()
     for index, raw in enumerate(raw_claims):
-        claim = _parse_claim(where, index, raw, experiment, reduced)
+        claim = _parse_claim(where, index, raw, experiment, reduced, variants)
         if claim.id in seen:
             raise where.error(f"claim {claim.id!r}", "id is used by an earlier claim; give each claim its own id")
         seen.add(claim.id)
         claims.append(claim)
 
-    probe = Probe(path=path, source=source, experiment=experiment, claims=claims, reduced=reduced)
+    probe = Probe(
+        path=path, source=source, experiment=experiment, claims=claims, reduced=reduced, variants=variants
+    )
     _check_grids(where, probe)
     return probe
 
@@ -268,12 +369,27 @@ def parse_probe(document: dict[str, Any], path: Path) -> Probe:
 def _check_grids(where: _Where, probe: Probe) -> None:
     # The sweep's own checks (model shapes, sequence length, device) run here,
     # so a bad file is reported before any run trains.
-    grids = [("[experiment]", False)] + ([("[reduced]", True)] if probe.reduced else [])
-    for context, reduced in grids:
+    grids = [("[experiment]", False, None)]
+    grids += [(f"variant {name!r}", False, name) for name in probe.variants]
+    if probe.reduced:
+        grids += [("[reduced]", True, variant) for variant in probe.variant_names()]
+    for context, reduced, variant in grids:
+        experiment = probe.grid(reduced=reduced, variant=variant)
         try:
-            sweep_config(probe.grid(reduced=reduced), Path("unused")).validate()
+            if experiment.kind == "invariance":
+                _validate_untrained_grid(experiment)
+            else:
+                sweep_config(experiment, Path("unused")).validate()
         except ConfigError as error:
             raise where.error(context, str(error)) from None
+
+
+def _validate_untrained_grid(experiment: Experiment) -> None:
+    # The invariance kind builds models but trains none, so only the model
+    # configurations are checked. Byte tokens stand in for the corpus.
+    for depth in experiment.depths:
+        for strategy in experiment.strategies:
+            model_config(experiment, strategy, depth, vocab_size=256).validate()
 
 
 class _Where:
@@ -306,7 +422,7 @@ def _check_keys(
             raise where.error(context, f"unknown key {key!r} (expected one of: {', '.join(accepted)})")
     for key in required:
         if key not in table:
-            raise where.error(context, f"missing key {key!r}")
+            raise where.error(context, f"missing key {key!r} (required keys: {', '.join(required)})")
 
 
 def _parse_source(where: _Where, table: dict[str, Any]) -> Source:
@@ -319,22 +435,30 @@ def _parse_source(where: _Where, table: dict[str, Any]) -> Source:
     return Source(authors=table["authors"], year=year, title=table["title"], where=table["where"])
 
 
-def _parse_experiment(where: _Where, table: dict[str, Any]) -> Experiment:
-    context = "[experiment]"
-    _check_keys(where, context, table, required=_EXPERIMENT_REQUIRED, optional=_EXPERIMENT_OPTIONAL)
+def _parse_experiment(where: _Where, table: dict[str, Any], context: str = "[experiment]") -> Experiment:
+    kind = _expect_choice(where, context, "kind", table.get("kind", "sweep"), KINDS)
+    trains = kind != "invariance"
+    if trains:
+        _check_keys(where, context, table, required=_EXPERIMENT_REQUIRED, optional=_EXPERIMENT_OPTIONAL)
+    else:
+        _check_keys(where, context, table, required=_INVARIANCE_REQUIRED, optional=_INVARIANCE_OPTIONAL)
 
     strategies = _expect_name_list(where, context, "strategies", table["strategies"], tuple(STRATEGIES))
     depths = _expect_int_list(where, context, "depths", table["depths"], minimum=1)
     seeds = _expect_int_list(where, context, "seeds", table["seeds"], minimum=0)
     width = _expect_int(where, context, "width", table["width"], minimum=1)
     heads = _expect_int(where, context, "heads", table["heads"], minimum=1)
-    steps = _expect_int(where, context, "steps", table["steps"], minimum=0)
+    # The invariance kind measures untrained models, so steps is 0 and lr 0.0 stands for "not used".
+    steps = _expect_int(where, context, "steps", table.get("steps", 0), minimum=1 if kind == "model_update" else 0)
     batch_size = _expect_int(where, context, "batch_size", table["batch_size"], minimum=1)
     seq_len = _expect_int(where, context, "seq_len", table["seq_len"], minimum=1)
     warmup = _expect_int(where, context, "warmup", table.get("warmup", 0), minimum=0)
-    lr = _expect_number(where, context, "lr", table["lr"])
-    if not lr > 0:
+    lr = _expect_number(where, context, "lr", table["lr"]) if trains else 0.0
+    if trains and not lr > 0:
         raise where.error(context, f"lr must be a positive number, got {lr!r}")
+    weight_scale = _expect_number(where, context, "weight_scale", table.get("weight_scale", DEFAULT_WEIGHT_SCALE))
+    if not (weight_scale > 0 and weight_scale != 1):
+        raise where.error(context, f"weight_scale must be a positive number other than 1, got {weight_scale!r}")
     grad_clip = table.get("grad_clip")
     if grad_clip is not None:
         grad_clip = _expect_number(where, context, "grad_clip", grad_clip)
@@ -377,7 +501,36 @@ def _parse_experiment(where: _Where, table: dict[str, Any]) -> Experiment:
         data=data,
         embed_scale=embed_scale,
         grad_clip=grad_clip,
+        kind=kind,
+        weight_scale=weight_scale,
     )
+
+
+def _parse_variants(where: _Where, raw: Any, experiment_table: dict[str, Any]) -> dict[str, Experiment]:
+    # Each variant is the [experiment] table with the variant's keys replaced,
+    # validated like [experiment] itself.
+    if raw is None:
+        return {}
+    if not isinstance(raw, list) or not raw:
+        raise where.error("[[variant]]", "give each variant as a [[variant]] table with a name")
+    variants: dict[str, Experiment] = {}
+    for index, table in enumerate(raw):
+        if not isinstance(table, dict):
+            raise where.error(f"variant {index + 1}", f"must be a table, got {type(table).__name__}")
+        name = table.get("name")
+        context = f"variant {name!r}" if isinstance(name, str) and name.strip() else f"variant {index + 1}"
+        _check_keys(where, context, table, required=("name",), optional=VARIANT_KEYS)
+        if not isinstance(name, str) or not _VARIANT_NAME.fullmatch(name):
+            raise where.error(
+                context, f"name must contain only letters, digits, '_' and '-' (it names a folder), got {name!r}"
+            )
+        if name in variants:
+            raise where.error(context, "name is used by an earlier variant; give each variant its own name")
+        if len(table) == 1:
+            raise where.error(context, f"changes no setting; give at least one of: {', '.join(VARIANT_KEYS)}")
+        changes = {key: value for key, value in table.items() if key != "name"}
+        variants[name] = _parse_experiment(where, {**experiment_table, **changes}, context=context)
+    return variants
 
 
 def _parse_reduced(where: _Where, raw: Any, experiment: Experiment) -> dict[str, Any]:
@@ -392,6 +545,8 @@ def _parse_reduced(where: _Where, raw: Any, experiment: Experiment) -> dict[str,
     if "seeds" in table:
         reduced["seeds"] = _expect_int_list(where, context, "seeds", table["seeds"], minimum=0)
     if "steps" in table:
+        if experiment.kind == "invariance":
+            raise where.error(context, "steps does not apply to kind 'invariance', which trains no model")
         reduced["steps"] = _expect_int(where, context, "steps", table["steps"], minimum=0)
         if (reduced["steps"] == 0) != (experiment.steps == 0):
             raise where.error(
@@ -403,8 +558,14 @@ def _parse_reduced(where: _Where, raw: Any, experiment: Experiment) -> dict[str,
 
 
 def _parse_claim(
-    where: _Where, index: int, raw: Any, experiment: Experiment, reduced: dict[str, Any]
+    where: _Where,
+    index: int,
+    raw: Any,
+    experiment: Experiment,
+    reduced: dict[str, Any],
+    variants: dict[str, Experiment] | None = None,
 ) -> Claim:
+    variants = variants or {}
     if not isinstance(raw, dict):
         raise where.error(f"claim {index + 1}", f"must be a table, got {type(raw).__name__}")
     claim_id = raw.get("id")
@@ -430,21 +591,38 @@ def _parse_claim(
         raise where.error(
             context, f"reduce {reduce!r} needs a per-layer metric such as 'grad/mlp.out', got 'loss'"
         )
+    _check_claim_for_kind(where, context, raw, experiment.kind, reduce, metric)
+    variant, baseline_variant = _parse_claim_variants(where, context, raw, tuple(variants))
 
-    strategies = tuple(experiment.strategies)
+    # A variant may run its own strategies, so each side of a ratio is checked
+    # against the grid it reads.
+    grid_name = "[experiment]" if variant is None else f"variant {variant!r}"
+    strategies = tuple((experiment if variant is None else variants[variant]).strategies)
     strategy = raw["strategy"]
     if strategy not in strategies:
         raise where.error(
-            context, f"strategy {strategy!r} is not in [experiment] strategies ({', '.join(strategies)})"
+            context, f"strategy {strategy!r} is not in {grid_name} strategies ({', '.join(strategies)})"
         )
     baseline = raw.get("baseline")
-    if baseline is not None and (baseline not in strategies or baseline == strategy):
+    if baseline_variant is not None:
+        baseline_strategies = tuple(variants[baseline_variant].strategies)
+        if (baseline or strategy) not in baseline_strategies:
+            raise where.error(
+                context,
+                f"baseline {baseline or strategy!r} is not in variant {baseline_variant!r} strategies "
+                f"({', '.join(baseline_strategies)})",
+            )
+    elif baseline is not None and (baseline not in strategies or baseline == strategy):
         raise where.error(
             context,
-            f"baseline {baseline!r} must be another strategy of [experiment] strategies ({', '.join(strategies)})",
+            f"baseline {baseline!r} must be another strategy of {grid_name} strategies ({', '.join(strategies)})",
         )
 
-    at = _parse_at(where, context, raw.get("at", "init"), experiment, reduced)
+    if experiment.kind == "sweep":
+        at = _parse_at(where, context, raw.get("at", "init"), experiment, reduced)
+    else:
+        # Measurement kinds have one value per run: at initialization, or after the trained steps.
+        at = "init" if experiment.kind == "invariance" else "final"
     if reduce == "growth_from_init" and at == "init":
         raise where.error(context, "reduce 'growth_from_init' needs at = 'final' or a step after 0")
 
@@ -456,7 +634,7 @@ def _parse_claim(
         for grid_name, depths in (("[experiment]", experiment.depths), ("[reduced]", reduced.get("depths"))):
             if depths is not None and depth not in depths:
                 raise where.error(context, f"depth {depth} is not in {grid_name} depths {depths}")
-    if reduce in ("last_over_first", "spearman_vs_layer"):
+    if reduce in ("last_over_first", "spearman_vs_layer", "loglog_slope_vs_layer"):
         shallowest = min(depth_choices(experiment, reduced, depth))
         if shallowest < 2:
             raise where.error(context, f"reduce {reduce!r} needs at least 2 blocks, but depth {shallowest} has 1")
@@ -487,7 +665,53 @@ def _parse_claim(
         depth=depth,
         layer=layer,
         baseline=baseline,
+        variant=variant,
+        baseline_variant=baseline_variant,
     )
+
+
+def _check_claim_for_kind(
+    where: _Where, context: str, raw: dict[str, Any], kind: str, reduce: str, metric: str
+) -> None:
+    if kind == "sweep":
+        if reduce == "value":
+            raise where.error(
+                context, f"reduce 'value' applies only to measurement kinds ({', '.join(KIND_METRICS)})"
+            )
+        return
+    if reduce not in MEASUREMENT_REDUCERS:
+        raise where.error(
+            context,
+            f"reduce {reduce!r} does not apply to kind {kind!r} (expected one of: {', '.join(MEASUREMENT_REDUCERS)})",
+        )
+    if metric not in KIND_METRICS[kind]:
+        raise where.error(
+            context, f"unknown metric {metric!r} for kind {kind!r} (expected one of: {', '.join(KIND_METRICS[kind])})"
+        )
+    for key in ("at", "layer"):
+        if key in raw:
+            raise where.error(context, f"{key} does not apply to kind {kind!r}, which has one value per run")
+
+
+def _parse_claim_variants(
+    where: _Where, context: str, raw: dict[str, Any], variant_names: tuple[str, ...]
+) -> tuple[str | None, str | None]:
+    variant = raw.get("variant")
+    baseline_variant = raw.get("baseline_variant")
+    if not variant_names:
+        for key in ("variant", "baseline_variant"):
+            if key in raw:
+                raise where.error(context, f"{key} needs [[variant]] entries, and this file has none")
+        return None, None
+
+    accepted = ", ".join(variant_names)
+    if variant is None:
+        raise where.error(context, f"missing key 'variant', which a file with [[variant]] entries needs ({accepted})")
+    if variant not in variant_names:
+        raise where.error(context, f"unknown variant {variant!r} (expected one of: {accepted})")
+    if baseline_variant is not None and (baseline_variant not in variant_names or baseline_variant == variant):
+        raise where.error(context, f"baseline_variant {baseline_variant!r} must be another variant ({accepted})")
+    return variant, baseline_variant
 
 
 def depth_choices(experiment: Experiment, reduced: dict[str, Any], depth: int | None) -> list[int]:
