@@ -146,6 +146,18 @@ def test_sink_writes_final_profile(tmp_path: Path, make_records) -> None:
     )
 
 
+def test_final_profile_skips_closing_record(tmp_path: Path, make_records) -> None:
+    records = make_records(steps=3, depth=2)
+    last = records[-1]
+    grads_only = {name: values for name, values in last.blocks.items() if name.startswith("grad/")}
+    closing = StepRecord(step=last.step + 2, scalars=dict(last.scalars), blocks=grads_only)
+    _write_run(tmp_path / "run", [*records, closing])
+    accumulator = _load(tmp_path / "run")
+    # The act profile comes from the last record that has it, step 2.
+    assert _values(accumulator, "profile/L02/act/resid_post_rms/final") == pytest.approx({0: 0.01, 1: 0.02})
+    assert _values(accumulator, "loss")[4] == pytest.approx(last.scalars["loss"])
+
+
 def test_sink_profiles_span_flushes(tmp_path: Path, make_records) -> None:
     sink = TensorBoardSink(tmp_path / "run")
     for record in make_records(steps=3, depth=2):

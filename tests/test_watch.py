@@ -11,6 +11,7 @@ from torch.overrides import TorchFunctionMode
 from stabiliscope.data import load_corpus
 from stabiliscope.errors import DiscoveryError
 from stabiliscope.models import ModelConfig, build_model
+from stabiliscope.sinks.store import RunStore, StoreSink
 from stabiliscope.train import TrainConfig, train_model
 from stabiliscope.watch import Watch, watch
 from stabiliscope.watch.spikes import MAD_TO_STD, SpikeDetector
@@ -209,11 +210,62 @@ def test_every_n_keeps_interval_extremes():
             loss.backward()
             w.step(torch.tensor(value))
             optimizer.step()
-    assert [r.step for r in w.records] == [0, 3]
+    assert [r.step for r in w.records] == [0, 3, 5]
     assert w.records[1].scalars["loss"] == 4.0
     assert w.records[1].scalars["loss/interval_max"] == 9.0
     assert w.records[1].scalars["loss/interval_min"] == 1.0
     assert w.records[1].scalars["lr"] == 0.0
+    # Steps 4 and 5 come after the last flush step, in a closing record.
+    assert w.records[2].scalars["loss"] == 5.0
+    assert w.records[2].scalars["loss/interval_max"] == 5.0
+    assert w.records[2].scalars["loss/interval_min"] == 2.0
+
+
+def test_close_keeps_late_spike(tmp_path):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    x, y = make_batch()
+    losses = [2.0 + 0.01 * (i % 3) for i in range(43)]
+    losses[42] = 50.0
+    store = RunStore(tmp_path / "store.sqlite")
+    store.begin_run("r", {}, strategy="hybrid", depth=model.config.depth, width=model.config.width, seed=0)
+    with watch(model, optimizer, every=10, sinks=[StoreSink(store, run_id="r")]) as w:
+        for value in losses:
+            _, loss = model(x, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            w.step(torch.tensor(value))
+    assert [r.step for r in w.records] == [0, 10, 20, 30, 40, 42]
+    closing = w.records[-1]
+    assert closing.scalars["loss"] == 50.0
+    assert closing.scalars["loss/interval_max"] == 50.0
+    assert closing.scalars["loss/interval_min"] == pytest.approx(2.02)  # steps 41 and 42
+    assert closing.scalars["grad/total/interval_max"] >= closing.scalars["grad/total/interval_min"] > 0
+    # The closing record has the gradient norms of its own step; forward
+    # statistics and update ratios are only taken on flush steps.
+    assert len(closing.blocks["grad/mlp.out"]) == model.config.depth
+    assert not any(name.startswith(("act/", "attn/", "update/")) for name in closing.blocks)
+    assert any(r.blocks.get("update/mlp.out") for r in w.records[:-1])
+    assert [(s.step, s.metric) for s in w.spikes] == [(42, "loss")]
+
+    assert store.last_step("r", "loss") == 42
+    assert store.last_step("r", "act/resid_post_rms") == 40
+    store.close()
+
+
+def test_exception_skips_closing_record():
+    model = make_model()
+    x, y = make_batch()
+    with pytest.raises(RuntimeError, match="boom"):
+        with watch(model, every=10) as w:
+            for _ in range(3):
+                _, loss = model(x, y)
+                loss.backward()
+                w.step(loss)
+                model.zero_grad()
+            raise RuntimeError("boom")
+    assert [r.step for r in w.records] == [0]
 
 
 class CallRecorder(TorchFunctionMode):

@@ -236,6 +236,8 @@ class TensorBoardSink(Sink):
         self._init_profile: list[float] = []
         self._milestone_steps: list[tuple[str, int]] = []
         self._last_record: StepRecord | None = None
+        self._profile_source: StepRecord | None = None  # the record behind the final depth profile
+        self._profile_source_size = 0
         self._previous_step: int | None = None
         self._spike_count = 0
         self._outcome: str | None = None
@@ -271,6 +273,11 @@ class TensorBoardSink(Sink):
             if self._last_record is not None:
                 self._previous_step = self._last_record.step
             self._last_record = record
+            # A watch with every > 1 closes with a record of scalars and
+            # gradient norms only, so the final profile takes the last full record.
+            present = sum(len(record.blocks.get(m, ())) == self._depth for m in self._profile_metrics)
+            if present >= self._profile_source_size:
+                self._profile_source, self._profile_source_size = record, present
         self._spike_count += len(spikes) - counted
 
         # One entry per step, because TensorBoard 2.21's data server keeps
@@ -344,7 +351,7 @@ class TensorBoardSink(Sink):
             return
         if not self._records_finished:
             self._records_finished = True
-            last = self._last_record
+            last = self._profile_source
             if last is not None:
                 self._write_profile("final", last)
                 self._write_heatmaps()

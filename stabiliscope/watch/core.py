@@ -236,6 +236,7 @@ class Watch:
         self._step_value = torch.zeros((), device=device)
         self._pending_spikes: list[tuple[int, torch.Tensor]] = []
         self._staged: _Staged | None = None
+        self._unstaged: tuple | None = None  # the last step() since a flush step, kept for close()
         self._snapshot: tuple[int, torch.Tensor] | None = None  # (step, squared slice norms before)
         self._pending_update: tuple[int, torch.Tensor] | None = None
         window, threshold, min_history = self._spike_settings
@@ -560,6 +561,9 @@ class Watch:
             self._track_scalars(scalars)
             if self._step % self.every == 0:
                 self._stage(self._step, scalars, grad_sq, slice_sq)
+                self._unstaged = None
+            else:
+                self._unstaged = (self._step, scalars, grad_sq, slice_sq)
         self._step += 1
         self._last_output = None
         self._forward_seen[:] = False
@@ -734,6 +738,13 @@ class Watch:
         try:
             if self._handles and self._staged is not None:
                 self._emit()
+            if self._handles and self._unstaged is not None:
+                # One closing record keeps the loss, gradient norms, interval
+                # extremes and spikes of the steps after the last flush step.
+                with torch.no_grad():
+                    self._stage(*self._unstaged)
+                self._unstaged = None
+                self._emit()
         finally:
             self._remove_hooks()
             for sink in self.sinks:
@@ -745,6 +756,7 @@ class Watch:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self._staged = None  # do not hand a half-finished step to the sinks
+            self._unstaged = None
         self.close()
 
     # --------------------------------------------------------------- analysis
