@@ -127,6 +127,9 @@ BAD_CASES = [
     ("expect = [-1.0, 0.0]", "expect = [1.0]", "claim 'pre-slope': expect must be [low, high]"),
     ('metric = "grad/mlp.out"\n', "", "claim 'pre-slope': missing key 'metric'"),
     ('metric = "grad/mlp.out"', 'metric = "loss"', "claim 'pre-slope': reduce 'loglog_slope_vs_depth' needs a per-layer metric"),
+    ('metric = "grad/mlp.out"', 'metric = "grad/mlp_out"', "claim 'pre-slope': unknown metric 'grad/mlp_out' (expected grad/<role>"),
+    ('metric = "grad/mlp.out"', 'metric = "grad/mlp_out"', "did you mean 'grad/mlp.out'?"),
+    ('metric = "grad/mlp.out"', 'metric = "act/resid_rms"', "position one of resid_pre, attn_out, resid_mid, mlp_out, resid_post"),
     ('id = "pre-slope"\n', 'id = "pre-slope"\nat = "middle"\n', "claim 'pre-slope': unknown at 'middle'"),
     ('id = "pre-slope"\n', 'id = "pre-slope"\nat = 3\n', "claim 'pre-slope': at step 3 is after the last trained step 0"),
     ('id = "pre-slope"\n', 'id = "pre-slope"\ncolour = 1\n', "claim 'pre-slope': unknown key 'colour'"),
@@ -829,3 +832,22 @@ def test_baseline_must_be_in_baseline_variant(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"baseline 'pre' is not in variant 'post_xavier' strategies \(post\)"):
         load_probe(write_probe(tmp_path, text))
+
+
+def test_sweep_metrics_match_watch() -> None:
+    """Every per-block name a probe accepts is recorded on the reference model, and the reverse."""
+    torch = pytest.importorskip("torch")
+    from stabiliscope.experiments.probes import SWEEP_METRICS
+    from stabiliscope.models import ModelConfig, build_model
+    from stabiliscope.watch import watch
+
+    model = build_model(ModelConfig(strategy="pre", depth=2, width=16, heads=2, vocab_size=32, max_seq_len=8))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randint(0, 32, (2, 8))
+    with watch(model, optimizer) as w:
+        _, loss = model(x, x)
+        loss.backward()
+        optimizer.step()
+        w.step(loss)
+    assert set(w.records[0].blocks) == set(SWEEP_METRICS)
+

@@ -23,6 +23,7 @@ also carry the line and column that tomllib reports.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import sys
@@ -36,6 +37,8 @@ from stabiliscope.experiments.model_update import MODEL_UPDATE_METRICS
 from stabiliscope.experiments.sweep import SweepConfig
 from stabiliscope.models import FFN_TYPES, INITS, NORM_TYPES, STRATEGIES, ModelConfig
 from stabiliscope.models.config import EMBED_SCALES
+from stabiliscope.watch.discovery import ROLES
+from stabiliscope.watch.flush import POSITIONS, block_metric_names
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -66,6 +69,15 @@ KIND_METRICS: dict[str, tuple[str, ...]] = {
     "model_update": MODEL_UPDATE_METRICS,
 }
 """The values each measurement kind computes, one set per (strategy, depth, seed)."""
+
+SWEEP_METRICS = block_metric_names(ROLES)
+"""Per-block metrics the watch records on the reference model, which sweep claims read."""
+
+SWEEP_METRIC_FORMS = (
+    f"grad/<role> or update/<role> with role one of {', '.join(ROLES)}; grad/block; grad/resid_post; "
+    f"act/<position>_rms, act/<position>_absmax or nonfinite/<position> with position one of "
+    f"{', '.join(POSITIONS)}; attn/logit_max; attn/entropy"
+)
 
 MEASUREMENT_REDUCERS = ("value", "loglog_slope_vs_depth")
 """Reducers accepted for measurement kinds, whose values are one number per run."""
@@ -678,6 +690,10 @@ def _check_claim_for_kind(
             raise where.error(
                 context, f"reduce 'value' applies only to measurement kinds ({', '.join(KIND_METRICS)})"
             )
+        if reduce not in RUN_REDUCERS and metric not in SWEEP_METRICS:
+            close = difflib.get_close_matches(metric, SWEEP_METRICS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise where.error(context, f"unknown metric {metric!r} (expected {SWEEP_METRIC_FORMS}){hint}")
         return
     if reduce not in MEASUREMENT_REDUCERS:
         raise where.error(

@@ -21,6 +21,17 @@ SPIKE_METRICS = ("loss", "grad/total")
 SCALAR_CODES = ("loss", "grad/total")  # codes of the first non-finite scalar
 
 
+def block_metric_names(roles: tuple[str, ...]) -> tuple[str, ...]:
+    """Return every per-block metric `unpack` can record for a model with `roles`."""
+    names = [f"grad/{role}" for role in roles]
+    names += ["grad/block", "grad/resid_post", "nonfinite/grad_resid_post"]
+    for position in POSITIONS:
+        names += [f"act/{position}_rms", f"act/{position}_absmax", f"nonfinite/{position}"]
+    names += ["attn/logit_max", "attn/entropy"]
+    names += [f"update/{role}" for role in roles]
+    return tuple(names)
+
+
 @dataclass
 class HostCounts:
     """Element counts known on the host without reading the device."""
