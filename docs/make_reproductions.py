@@ -28,68 +28,111 @@ sys.path.insert(0, str(REPOSITORY))
 from stabiliscope.experiments.probes import Experiment, Probe, load_probe  # noqa: E402
 
 COMMAND = "stabiliscope probe probes/"
+MACHINE = "a 2-core x86_64 AMD EPYC CPU with 24 GiB, Python 3.11.7 and torch 2.13.0+cpu (2 threads)"
+"""The machine of the run behind the committed page; change it with the run."""
 
 NOTES: dict[tuple[str, str], str] = {
-    ("xiong2020_theorem1", "post-flat"): (
-        "The slope is positive in every seed at this scale; the interval around 0 is the "
-        "theorem's prediction and was not widened. With the embeddings at their Xavier "
-        "scale instead of `sqrt_d` the slope is about the same."
+    ("xiong2020_theorem1", "pre-inverse-sqrt"): (
+        "The `sqrt_d` embeddings matter for Pre-LN: with the embeddings at their Xavier scale, "
+        "an earlier run of the same grid measured a steeper slope, about -0.58, still inside "
+        "the interval. Post-LN's slope hardly changed."
     ),
     ("xiong2020_theorem1", "post-profile-rises"): (
-        "Not reproduced: at initialization Post-LN's per-layer profile is close to flat in "
-        "this byte-level decoder with rotary positions, and its rank correlation with the "
-        "layer index changes sign between seeds."
+        "Not reproduced: at initialization Post-LN's per-layer profile is close to flat in this "
+        "byte-level decoder with rotary positions, and its rank correlation with the layer "
+        "index changes sign between seeds."
     ),
     ("xiong2020_theorem1", "pre-profile-flat"): (
-        "Not reproduced: Pre-LN's FFN gradient at initialization is largest in the first "
-        "blocks and falls toward the output, the pattern Shleifer et al. 2021 report for "
-        "Pre-LN (larger gradients at the bottom layers), rather than the flat profile of "
-        "Figure 3. Tried in both settings."
+        "Not reproduced: Pre-LN's FFN gradient at initialization is largest in the first blocks "
+        "and falls toward the output, rather than the flat profile of Figure 3. The DeepNet "
+        "paper's introduction describes this pattern for Pre-LN: larger gradients at the "
+        "bottom layers than at the top. The same holds in both settings."
     ),
     ("xiong2020_theorem1", "hybridnorm-setting-pre-inverse-sqrt"): (
-        "Not reproduced in the HybridNorm paper's setting: with megatron init the "
-        "embeddings are small next to the sublayer outputs, the theorem's assumption of "
-        "token vectors with squared norm about d does not hold, and the last-block "
-        "gradient shrinks more slowly than 1/sqrt(L)."
+        "Not reproduced in the HybridNorm paper's setting. With megatron init the embeddings "
+        "are small next to the sublayer outputs, so the theorem's assumption of token vectors "
+        "with squared norm about d does not hold. The last-block gradient then shrinks more "
+        "slowly than 1/sqrt(L)."
     ),
     ("xiong2020_theorem1", "hybridnorm-setting-post-profile-rises"): (
-        "Not reproduced: Post-Norm's profile is flat at initialization in this setting too."
+        "Not reproduced: in this setting Post-Norm's profile at initialization falls toward "
+        "the output in every seed (a negative rank correlation), instead of rising."
     ),
     ("xiong2020_theorem1", "hybridnorm-setting-pre-profile-flat"): (
         "Not reproduced: as in Xiong et al.'s setting, Pre-Norm's profile falls from the "
         "first block to the last."
     ),
+    ("xiong2020_warmup", "post-needs-warmup"): (
+        "Not reproduced with our threshold: Post-LN ends worse without warmup in every seed, "
+        "but by about 5%, not the 10% we read as much worse. Also tried, with 2 seeds and "
+        "200 steps at depth 12: (1) Xavier init, ReLU and LayerNorm with the embeddings at "
+        "their Xavier scale, at lr 1e-3, 3e-3 and 1e-2 with a 40-step warmup. Post-LN's "
+        "validation loss stayed at about 3.2 nats with and without warmup, close to the "
+        "corpus's byte unigram entropy of 3.26 nats. (2) The HybridNorm paper's setting "
+        "(megatron, SwiGLU, RMSNorm). Post-Norm trained as well without warmup at lr 3e-3. At "
+        "lr 1e-2 it stayed near the unigram loss with and without warmup, while Pre-Norm ended "
+        "much worse without warmup than with it."
+    ),
     ("hybridnorm2025_balance", "hybrid-vs-post"): (
         "Not reproduced at initialization: HybridNorm's and Post-Norm's FFN output-weight "
         "gradients are both nearly flat across layers, and their max/min ratios are about "
-        "equal; the difference the paper describes is against Pre-Norm."
+        "equal. The difference at initialization is against Pre-Norm."
     ),
     ("wortsman2023_qk_norm", "qk-norm-bounded"): (
-        "Not reproduced with the factor of 3: with QK-Norm the max attention logit still "
-        "grows several times during 60 steps at lr 0.3, though orders of magnitude less "
-        "than without it. QK-Norm's learned gains can scale the logits, so bounded is not "
-        "constant; the threshold is our reading and was not widened."
+        "Not reproduced with the factor of 3: with QK-Norm the max attention logit still grows "
+        "several times during 60 steps at lr 0.3, though orders of magnitude less than without "
+        "it. The norms' learned gains scale the logits, so bounded does not mean constant. The "
+        "threshold is our reading and was not widened. This probe trains without the gradient "
+        "clipping, weight decay and z-loss of the paper's default recipe."
     ),
     ("li2024_mix_ln", "post-early-layers-shrink"): (
-        "Tried at depth 12 and 24, megatron and N(0, 0.02) init, lr 1e-3 and 3e-3: Post-LN's "
-        "first-block gradient is smaller than its last-block gradient at depth 24 in most "
-        "seeds, but not at depth 12."
+        "Depth matters: in a 2-seed exploration at depth 12 (megatron and N(0, 0.02) init, lr "
+        "1e-3 and 3e-3), Post-LN's first-block gradient was smaller than its last-block gradient "
+        "in some seeds only."
     ),
     ("li2024_mix_ln", "mix-more-uniform-than-post"): (
-        "Mix-LN is much more uniform than Pre-LN, but only about as uniform as Post-LN at "
-        "this depth; at depth 12 it was less uniform than Post-LN in some seeds."
+        "Not reproduced: Mix-LN's gradients are far more uniform than Pre-LN's, but only about "
+        "as uniform as Post-LN's: its max/min ratio is below Post-LN's in two seeds of three "
+        "and above it in the third. The depth-12 exploration gave the same picture."
+    ),
+    ("sun2025_curse_of_depth", "pre-variance-grows"): (
+        "Not reproduced: Pre-LN's residual-stream RMS rises with the layer index in every "
+        "seed, but after 200 steps its variance grows more slowly than linearly. The exponent "
+        "is lower than at initialization, where the variance grows about linearly, as in "
+        "Xiong et al.'s Lemma 2. The LNS paper advises against scaled output projections, so "
+        "the default megatron init was not used here. In a 2-seed exploration with it, the "
+        "RMS exponent after training was above 0.6."
     ),
     ("wang2022_deepnet_model_update", "deepnorm-update-bounded"): (
         "Not reproduced: DeepNorm's early model update is an order of magnitude smaller than "
-        "Post-LN's, but it still grows with depth, at about half Post-LN's log-log slope. "
-        "Tried with 5 and 30 steps and lr 1e-4 and 1e-3; at lr 1e-3 both updates saturate "
-        "after a few steps, because Post-LN's and DeepNorm's outputs are normalized and can "
-        "move by about their own RMS at most."
+        "Post-LN's, but it still grows with depth, at a log-log slope close to Post-LN's mean. "
+        "Also tried 30 steps at lr 1e-3: there both updates saturate within a few steps, "
+        "because Post-LN's and DeepNorm's outputs are normalized and cannot move much further "
+        "than their own RMS."
+    ),
+    ("wang2022_deepnet_model_update", "post-update-grows"): (
+        "The mean passes, but one seed of three has a slope below 0.5, so the interval across "
+        "seeds is wide."
     ),
 }
 """Notes on claims that do not reproduce (what was tried) or that need a caveat."""
 
-FINDINGS: dict[str, str] = {}
+FINDINGS: dict[str, str] = {
+    "beyond_hybridnorm_deep": (
+        "At 64 layers and initialization, HybridNorm's FFN gradient profile is more even than "
+        "Pre-Norm's, as the paper argues for shallower models, but not more even than "
+        "Post-Norm's. After 60 training steps the picture turns around. In some seeds, the "
+        "first blocks of HybridNorm, HybridNorm* and Post-Norm get FFN gradients several "
+        "orders of magnitude below those of their last blocks, the vanishing-gradient pattern "
+        "of Post-LN. Pre-Norm's profile stays within a much narrower range. The max/min "
+        "ratio is then set by the smallest block gradient, which is why its mean over two "
+        "seeds has a very wide interval. HybridNorm's residual stream grows far less than "
+        "Pre-Norm's, no strategy diverged in 60 steps at lr 2e-3, and the final losses were "
+        "within a few percent of each other. At this depth and width, HybridNorm keeps "
+        "activations bounded but does not keep the gradients across layers balanced once "
+        "training starts."
+    ),
+}
 """A summary of what a probe found, for probes that go beyond a published claim."""
 
 BEYOND_PAPER = ("beyond_hybridnorm_deep",)
@@ -132,8 +175,10 @@ def render_page(results: list[dict[str, Any]]) -> str:
         "python docs/make_reproductions.py probes.json --out docs/reproductions.md",
         "```",
         "",
-        "on a 2-core CPU shared with other work, so the wall times are upper bounds; the CPU",
-        "time (all threads of the process) is the better guide to the cost on a quiet machine.",
+        f"on {MACHINE},",
+        "with no other heavy job running. The CPU time counts all threads of the process, so",
+        "it can exceed the wall time.",
+        "",
         "\"Measured\" is the mean over seeds with the half-width of its 95% confidence interval",
         "(Student's t); a single seed has no interval. Runs on another machine or torch version",
         "can differ in the last digits.",
@@ -162,28 +207,44 @@ def render_page(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _shown_path(path: Path) -> str:
+    """Return `path` relative to the repository root when it lies inside it."""
+    try:
+        return path.resolve().relative_to(REPOSITORY).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def render_probe(item: dict[str, Any]) -> list[str]:
     """Return the section of one probe file."""
-    path = REPOSITORY / item["probe"] if not Path(item["probe"]).is_absolute() else Path(item["probe"])
+    path = Path(item["probe"]) if Path(item["probe"]).is_absolute() else REPOSITORY / item["probe"]
     probe = load_probe(path)
     source = item["source"]
     stem = path.stem
+    if stem in BEYOND_PAPER:
+        statement_heading = "**Question, and how we read it.**"
+    else:
+        statement_heading = "**Published statement, in our words, and how we read it.**"
+
     lines = [
         f"## {stem}",
         "",
         f"**Source.** {source['authors']} {source['year']}, \"{source['title']}\", {source['where']}.",
         "",
-        "**Question, and how we read it.**" if stem in BEYOND_PAPER else "**Published statement, in our words, and how we read it.**",
+        statement_heading,
         "",
         *_header_paragraphs(path),
-        "**Setting.** " + describe_setting(probe),
+        "**Setting.**",
         "",
-        f"**Command.** `stabiliscope probe {item['probe']}` ({item['runs']} runs{_failed_runs(item)}; "
+        *describe_setting(probe),
+        "",
+        f"**Command.** `stabiliscope probe {_shown_path(path)}` ({item['runs']} runs{_failed_runs(item)}; "
         f"{_format_seconds(item['wall_time_s'])} wall, {_format_seconds(item.get('cpu_time_s'))} CPU).",
         "",
         "| claim | statement | strategy | measured | expected | verdict |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+
     notes = []
     failed_verdict = "FAIL: does not hold here" if stem in BEYOND_PAPER else "FAIL: not reproduced"
     for claim, parsed in zip(item["claims"], probe.claims):
@@ -196,7 +257,8 @@ def render_probe(item: dict[str, Any]) -> list[str]:
         if note is not None:
             notes.append(f"- `{claim['id']}`: {note}")
         elif claim["verdict"] != "PASS" and stem not in BEYOND_PAPER:
-            notes.append(f"- `{claim['id']}`: not reproduced at this scale; no other setting was tried.")
+            notes.append(f"- `{claim['id']}`: not reproduced at this scale. No other setting was tried.")
+
     if notes:
         lines.extend(["", "Notes:", "", *notes])
     if stem in FINDINGS:
@@ -205,29 +267,36 @@ def render_probe(item: dict[str, Any]) -> list[str]:
     return lines
 
 
-def describe_setting(probe: Probe) -> str:
-    """Return one paragraph with the experiment of `probe` and the changes each variant makes."""
+def describe_setting(probe: Probe) -> list[str]:
+    """Return Markdown list lines with the experiment of `probe` and the changes each variant makes."""
     experiment = probe.experiment
-    parts = [f"kind `{experiment.kind}`", f"strategies {', '.join(experiment.strategies)}"]
-    parts.append(f"depths {', '.join(str(depth) for depth in experiment.depths)}")
-    parts.append(f"width {experiment.width}, {experiment.heads} heads")
-    parts.extend(_model_settings(experiment))
-    if experiment.kind == "invariance":
-        parts.append(f"one head scaled by {experiment.weight_scale:g} at a time, at initialization")
-    elif experiment.steps == 0:
-        parts.append("at initialization (gradients of the first batch)")
+    strategies = ", ".join(experiment.strategies)
+    depths = ", ".join(str(depth) for depth in experiment.depths)
+    seeds = ", ".join(str(seed) for seed in experiment.seeds)
+    lines = [f"- Grid: kind `{experiment.kind}`, strategies [{strategies}], depths [{depths}], seeds [{seeds}]."]
+    if probe.variants:
+        lines.append(f"- Model: width {experiment.width}, {experiment.heads} heads, the rest set by each variant.")
     else:
-        parts.append(f"{experiment.steps} AdamW steps at lr {experiment.lr:g} with {experiment.warmup} warmup steps")
+        lines.append(
+            f"- Model: width {experiment.width}, {experiment.heads} heads, " + ", ".join(_model_settings(experiment)) + "."
+        )
+
+    if experiment.kind == "invariance":
+        run = f"one head's rows scaled by {experiment.weight_scale:g} at a time, at initialization"
+    elif experiment.steps == 0:
+        run = "at initialization (the gradients of the first batch)"
+    else:
+        run = f"{experiment.steps} AdamW steps at lr {experiment.lr:g} with {experiment.warmup} warmup steps"
         if experiment.grad_clip is not None:
-            parts.append(f"gradient clipping at {experiment.grad_clip:g}")
-    parts.append(f"batch {experiment.batch_size} x {experiment.seq_len} bytes")
-    parts.append(f"seeds {', '.join(str(seed) for seed in experiment.seeds)}")
+            run += f", gradient clipping at {experiment.grad_clip:g}"
     data = "the built-in corpus (CPython's pydoc topics)" if experiment.data is None else f"`{experiment.data}`"
-    text = "; ".join(parts) + f"; data: {data}."
+    lines.append(f"- Run: {run}, batches of {experiment.batch_size} x {experiment.seq_len} bytes from {data}.")
+
     for name, variant in probe.variants.items():
+        settings = ", ".join(_model_settings(variant))
         changes = _variant_changes(experiment, variant)
-        text += f" Variant `{name}`: {changes}."
-    return text
+        lines.append(f"- Variant `{name}`: {settings}" + (f", {changes}." if changes else "."))
+    return lines
 
 
 def _model_settings(experiment: Experiment) -> list[str]:
@@ -241,16 +310,17 @@ def _model_settings(experiment: Experiment) -> list[str]:
 
 def _variant_changes(base: Experiment, variant: Experiment) -> str:
     changes = []
-    for name in ("strategies", "init", "ffn", "norm", "embed_scale", "lr", "warmup", "grad_clip", "weight_scale"):
+    # The model settings are listed for every variant, so only the others are compared here.
+    for name in ("strategies", "lr", "warmup", "grad_clip", "weight_scale"):
         value = getattr(variant, name)
         if value != getattr(base, name):
             changes.append(f"{name} {_format_setting(value)}")
-    return ", ".join(changes) if changes else "same as the experiment"
+    return ", ".join(changes)
 
 
 def _format_setting(value: Any) -> str:
     if isinstance(value, list):
-        return ", ".join(str(item) for item in value)
+        return "[" + ", ".join(str(item) for item in value) + "]"
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
