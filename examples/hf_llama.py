@@ -3,7 +3,7 @@
 Builds a small `LlamaForCausalLM` from a config (random weights, nothing is
 downloaded), trains it on the built-in corpus read as byte ids, and prints
 the depth profile of the FFN output-weight gradient at the first and last
-step. Needs `pip install 'stabiliscope[hf]'`.
+step. Needs the `hf` extra: `pip install '.[hf]'` in the repository.
 
     python examples/hf_llama.py --steps 50 --depth 6
 """

@@ -4,7 +4,7 @@ Wraps the reference transformer in a LightningModule, trains it on the
 built-in corpus with gradient accumulation and clipping, and records it with
 `StabiliscopeCallback`. Prints the depth profile of the FFN output-weight
 gradient (before clipping) at the first and last optimizer step. Needs
-`pip install 'stabiliscope[lightning]'`; writes no files.
+the `lightning` extra (`pip install '.[lightning]'` in the repository); writes no files.
 
     python examples/lightning_loop.py --steps 50 --accumulate 2 --strategy hybrid
 """

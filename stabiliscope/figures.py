@@ -11,7 +11,7 @@ One figure (PNG or PDF) with two parts:
   column is the max over a bin of steps, as in the TensorBoard heatmaps,
   and bins that saw a NaN or Inf are red.
 
-matplotlib is an optional dependency: `pip install 'stabiliscope[plot]'`.
+matplotlib is an optional dependency (the `plot` extra).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ Store = RunStore | SweepReader
 logger = logging.getLogger(__name__)
 
 PLOT_SUFFIXES = (".png", ".pdf")
-INSTALL_COMMAND = "pip install 'stabiliscope[plot]'"
+INSTALL_COMMAND = "pip install 'matplotlib>=3.7'"
 
 HEATMAP_COLUMNS = 256
 """Max step bins of a figure heatmap."""

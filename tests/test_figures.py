@@ -153,6 +153,6 @@ def test_report_plot_without_matplotlib(sweep_folder: Path, tmp_path: Path) -> N
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "Error: --plot needs matplotlib, which is not installed; install it with: pip install 'stabiliscope[plot]'"
+        "Error: --plot needs matplotlib, which is not installed; install it with: pip install 'matplotlib>=3.7'"
     ]
     assert not (tmp_path / "figure.png").exists()

@@ -1,8 +1,8 @@
 """Callbacks that attach a `Watch` to training frameworks.
 
-- `StabiliscopeCallback`: a Lightning callback (`pip install 'stabiliscope[lightning]'`);
+- `StabiliscopeCallback`: a Lightning callback (the `lightning` extra);
 - `StabiliscopeTrainerCallback`: a Hugging Face `Trainer` callback
-  (`pip install 'stabiliscope[hf]'`).
+  (the `hf` extra).
 
 Each callback is imported from its framework module on first access, so
 `import stabiliscope.integrations` needs neither framework installed.

@@ -23,7 +23,7 @@ try:
 except ImportError as error:
     raise ImportError(
         "StabiliscopeTrainerCallback needs Hugging Face transformers 4.40 or newer; install it with "
-        "`pip install 'stabiliscope[hf]'`"
+        "`pip install 'transformers>=4.40' accelerate` (the `hf` extra)"
     ) from error
 
 __all__ = ["StabiliscopeTrainerCallback"]

@@ -27,7 +27,7 @@ try:
 except ImportError as error:
     raise ImportError(
         "StabiliscopeCallback needs Lightning 2.2 or newer; install it with "
-        "`pip install 'stabiliscope[lightning]'`"
+        "`pip install 'lightning>=2.2'` (the `lightning` extra)"
     ) from error
 
 __all__ = ["StabiliscopeCallback"]
