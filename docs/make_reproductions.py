@@ -2,8 +2,8 @@
 
 Usage, from the repository root:
 
-    stabiliscope probe probes/ --json > probes.json
-    python docs/make_reproductions.py probes.json --out docs/reproductions.md
+    stabiliscope probe probes/ --json > docs/reproductions.json
+    python docs/make_reproductions.py docs/reproductions.json --out docs/reproductions.md
 
 The page takes every number from the JSON file, so it matches what that run
 printed. The setting of each probe and the published statement (the comment
@@ -171,8 +171,8 @@ def render_page(results: list[dict[str, Any]]) -> str:
         "The numbers come from one full-grid run of",
         "",
         "```bash",
-        f"{COMMAND} --json > probes.json",
-        "python docs/make_reproductions.py probes.json --out docs/reproductions.md",
+        f"{COMMAND} --json > docs/reproductions.json",
+        "python docs/make_reproductions.py docs/reproductions.json --out docs/reproductions.md",
         "```",
         "",
         f"on {MACHINE},",
@@ -217,7 +217,8 @@ def _shown_path(path: Path) -> str:
 
 def render_probe(item: dict[str, Any]) -> list[str]:
     """Return the section of one probe file."""
-    path = Path(item["probe"]) if Path(item["probe"]).is_absolute() else REPOSITORY / item["probe"]
+    # The page documents this repository's probe files, wherever the run read them from.
+    path = REPOSITORY / "probes" / Path(item["probe"]).name
     probe = load_probe(path)
     source = item["source"]
     stem = path.stem
