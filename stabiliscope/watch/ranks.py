@@ -75,12 +75,16 @@ class RankReducer:
                 raise ValueError(f"process_group must be 'auto', None or a process group, got {process_group!r}")
             if not (dist.is_available() and dist.is_initialized()):
                 return None
-            process_group = dist.group.WORLD
-        if dist.get_world_size(process_group) == 1:
+            # None stands for the default group in every collective, so the
+            # watch does not keep the group alive after destroy_process_group().
+            group, process_group = dist.group.WORLD, None
+        else:
+            group = process_group
+        if dist.get_world_size(group) == 1:
             return None
 
         sharded = [is_sharded(p) for p in params]
-        group_ranks = sorted(dist.get_process_group_ranks(process_group))
+        group_ranks = sorted(dist.get_process_group_ranks(group))
         for param, param_sharded in zip(params, sharded):
             if not param_sharded:
                 continue
