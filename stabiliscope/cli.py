@@ -29,6 +29,7 @@ from stabiliscope.experiments.folders import check_path_name
 from stabiliscope.experiments.shards import Shard, SweepReader, find_store_files, store_filename
 from stabiliscope.experiments.summary import (
     flagged_runs,
+    missing_runs,
     render_flagged_table,
     render_table,
     summarize,
@@ -531,6 +532,7 @@ def report(sweep_dir: Path, output_format: str, plot_path: Path | None) -> None:
     with _open_existing_store(sweep_dir) as store:
         rows = summarize(store)
         flagged = flagged_runs(store)
+        missing = missing_runs(store)
         if plot_path is not None:
             figures.write_sweep_figure(store, plot_path)
             _console(stderr=True).print(f"Figures: {plot_path}")
@@ -546,6 +548,17 @@ def report(sweep_dir: Path, output_format: str, plot_path: Path | None) -> None:
             console.print(render_flagged_table(flagged))
     else:
         console.print(f"No runs recorded in {sweep_dir} yet.")
+    if missing:
+        # On stderr, so that the JSON and CSV output stays machine-readable.
+        listed = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        _console(stderr=True).print(
+            f"Not recorded yet: {len(missing)} run{'s' if len(missing) > 1 else ''} of the sweep's grid "
+            f"({listed}). A shard that was "
+            "never started, or a sweep that stopped early, leaves runs out; rerun it with the same "
+            "--out (and --shard) to train them.",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _interrupt_on_signal(signum: int, frame: object) -> None:

@@ -245,6 +245,15 @@ def test_server_hparams_names(served_sweep) -> None:
     assert {"strategy", "depth", "width", "lr", "init", "seed"} <= names
 
 
+def test_server_hparams_differ_first(served_sweep) -> None:
+    _, url = served_sweep
+    experiment = _post(url + "data/plugin/hparams/experiment", {"experimentName": ""})
+    differing = [info["name"] for info in experiment["hparamInfos"] if info.get("differs")]
+    assert sorted(differing) == ["depth", "strategy"]
+    # The dashboard shows the first five as columns, and lists the differing ones first.
+    assert [info["name"] for info in experiment["hparamInfos"][:2]] == ["depth", "strategy"]
+
+
 def test_server_hparams_metrics(served_sweep) -> None:
     _, url = served_sweep
     experiment = _post(url + "data/plugin/hparams/experiment", {"experimentName": ""})

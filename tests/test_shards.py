@@ -149,6 +149,20 @@ def test_report_of_shards_equals_unsharded(sharded: Path, unsharded: Path) -> No
     assert json.loads(sharded_report.stdout) == json.loads(whole_report.stdout)
 
 
+def test_report_names_unrun_shard_runs(sharded_copy: Path) -> None:
+    (sharded_copy / "store-2-of-2.sqlite").unlink()
+    result = CliRunner().invoke(cli.main, ["report", str(sharded_copy), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert [row["strategy"] for row in json.loads(result.stdout)] == ["post", "post"]
+    assert "Not recorded yet: 2 runs of the sweep's grid (pre-L02-s0, pre-L03-s0)" in result.stderr
+
+
+def test_report_of_whole_grid_names_nothing(sharded: Path) -> None:
+    result = CliRunner().invoke(cli.main, ["report", str(sharded)])
+    assert result.exit_code == 0, result.output
+    assert "Not recorded yet" not in result.stderr
+
+
 def test_unsharded_rerun_skips_shard_runs(sharded_copy: Path) -> None:
     outcomes = run_sweep(SweepConfig(**GRID, out=sharded_copy))
     assert [outcome.skipped for outcome in outcomes] == [True] * 4
@@ -164,6 +178,14 @@ def test_shard_with_other_config_rejected(sharded_copy: Path) -> None:
     config = SweepConfig(**{**GRID, "lr": 0.01}, out=sharded_copy)
     with pytest.raises(ConfigError, match=r"post-L02-s0 \(in store-1-of-2.sqlite\) with a different configuration"):
         run_sweep(config, shard=Shard(1, 3))
+
+
+def test_rejected_shard_creates_no_files(sharded_copy: Path) -> None:
+    before = sorted(path.name for path in sharded_copy.iterdir())
+    with pytest.raises(ConfigError, match="with a different configuration"):
+        run_sweep(SweepConfig(**{**GRID, "lr": 0.01}, out=sharded_copy))
+    assert sorted(path.name for path in sharded_copy.iterdir()) == before
+    assert "store.sqlite" not in before
 
 
 def test_reader_prefers_finished_copy(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 
 from rich.table import Table
 
+from stabiliscope.experiments.sweep import make_run_id
 from stabiliscope.sinks.store import SWEEP_CONFIG_KEY, RunRow, RunStore
 
 PROFILE_METRIC = "grad/mlp.out"
@@ -421,6 +422,25 @@ def flagged_runs(store: Any) -> list[FlaggedRun]:
             )
         )
     return flagged
+
+
+def missing_runs(store: Any) -> list[str]:
+    """Return the run ids of the sweep's grid that no run store of the folder has recorded.
+
+    The grid comes from the sweep configuration saved in each store (every
+    shard saves the whole grid). A shard that never started, or runs an
+    interrupted sweep never reached, show up here.
+    """
+    planned: list[str] = []
+    for run_store in getattr(store, "stores", [store]):
+        config = run_store.get_meta(SWEEP_CONFIG_KEY) or {}
+        for depth in config.get("depths", []):
+            for strategy in config.get("norms", []):
+                for seed in config.get("seeds", []):
+                    run_id = make_run_id(strategy, depth, seed)
+                    if run_id not in planned:
+                        planned.append(run_id)
+    return [run_id for run_id in planned if store.get_run(run_id) is None]
 
 
 _STATUS_STYLES = {"completed": "green", "diverged": "yellow", "failed": "red", "running": "red"}

@@ -254,6 +254,14 @@ def point_configs(
     return model_config, train_config
 
 
+def varying_hparams(config: SweepConfig) -> list[str]:
+    """Return the names of the HParams whose values differ between runs of the grid."""
+    values = [run_hparams(*point_configs(config, point, vocab_size=BYTE_VOCAB_SIZE)) for point in grid(config)]
+    if not values:
+        return []
+    return [name for name in values[0] if len({each[name] for each in values}) > 1]
+
+
 def run_config(model_config: ModelConfig, train_config: TrainConfig, data_name: str) -> dict[str, Any]:
     """Return the JSON-ready configuration stored with a run and compared on reruns."""
     values = {"model": asdict(model_config), "train": asdict(train_config), "data": data_name}
@@ -313,6 +321,10 @@ def run_sweep(
     # Bad store files are rejected before the lock file is created next to them.
     check_existing_store(out / filename)
     finished_elsewhere = finished_runs_in_other_stores(out, filename)
+    if not (out / filename).exists():
+        # Check against the other stores first, so a rejected sweep creates no store or lock file.
+        for point in points:
+            _plan_run(None, finished_elsewhere, config, point, corpus, data_name)
 
     with StoreLock(out / filename), RunStore.open(out, filename=filename) as store:
         plans = [_plan_run(store, finished_elsewhere, config, point, corpus, data_name) for point in points]
@@ -426,7 +438,7 @@ class _RunPlan:
 
 
 def _plan_run(
-    store: RunStore,
+    store: RunStore | None,
     finished_elsewhere: dict[str, tuple[RunRow, Path]],
     config: SweepConfig,
     point: SweepPoint,
@@ -436,7 +448,7 @@ def _plan_run(
     model_config, train_config = point_configs(config, point, vocab_size=corpus.vocab_size)
     new_config = run_config(model_config, train_config, data_name)
 
-    existing = store.get_run(point.run_id)
+    existing = None if store is None else store.get_run(point.run_id)
     where = ""
     if (existing is None or not existing.finished) and point.run_id in finished_elsewhere:
         # Finished by another shard layout or an unsharded run of this folder.
@@ -518,6 +530,7 @@ def _train_one(
         total_steps=config.steps,
         layout_depths=config.depths,
         hparams=run_hparams(plan.model_config, plan.train_config),
+        hparams_differ=varying_hparams(config),
         description=f"```json\n{json.dumps(plan.config, indent=2)}\n```",
     )
     sinks = [StoreSink(store, run_id), tb_sink]

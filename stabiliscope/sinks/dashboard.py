@@ -246,16 +246,19 @@ def experiment_summary(
     hparams: Mapping[str, HParamValue],
     domains: Mapping[str, Sequence[HParamValue]] | None = None,
     metrics: Mapping[str, tuple[str, str]] = SUMMARY_METRICS,
+    differ: Sequence[str] = (),
 ) -> Summary:
     """Return the HParams experiment summary: the hparams with their types and domains, and the metrics.
 
     A name in `domains` gets a discrete domain, which the HParams dashboard
-    offers as checkboxes.
+    offers as checkboxes. Names in `differ` are the hparams whose values vary
+    between the runs: the dashboard lists them first, and shows the first
+    five hparams as table columns by default.
     """
     domains = domains or {}
     infos = []
     for name, value in hparams.items():
-        info = api_pb2.HParamInfo(name=name, type=_data_type(value))
+        info = api_pb2.HParamInfo(name=name, type=_data_type(value), differs=name in differ)
         if name in domains:
             info.domain_discrete.CopyFrom(struct_pb2.ListValue(values=[_struct_value(v) for v in domains[name]]))
         infos.append(info)

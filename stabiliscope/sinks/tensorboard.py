@@ -176,6 +176,8 @@ class TensorBoardSink(Sink):
     `hparam_domains` gives the discrete values of some of them. TensorBoard
     takes the domains from one run and hides runs whose value is not among
     them, so give domains only when every run of the folder shares them.
+    `hparams_differ` names the hparams whose values vary across the folder's
+    runs, which the HParams dashboard shows first.
     `description` is written once as the Markdown text entry `run/config`.
 
     Non-finite values are written unchanged, and TensorBoard shows them as
@@ -200,6 +202,7 @@ class TensorBoardSink(Sink):
         max_series_tags: int = MAX_SERIES_TAGS,
         hparams: Mapping[str, HParamValue] | None = None,
         hparam_domains: Mapping[str, Sequence[HParamValue]] | None = None,
+        hparams_differ: Sequence[str] = (),
         description: str | None = None,
         flush_secs: float = FLUSH_SECS,
         await_outcome: bool = False,
@@ -250,7 +253,7 @@ class TensorBoardSink(Sink):
         if description is not None:
             self._add(dashboard.text_summary("run/config", description), 0)
         if self.hparams is not None:
-            self._add(dashboard.experiment_summary(self.hparams, hparam_domains), 0)
+            self._add(dashboard.experiment_summary(self.hparams, hparam_domains, differ=hparams_differ), 0)
             self._add(dashboard.session_start_summary(self.hparams), 0)
 
     # Writing
