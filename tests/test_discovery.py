@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -756,3 +757,23 @@ def test_watch_nanogpt_grad_roles_by_hand():
             rows = slice(third * WIDTH, (third + 1) * WIDTH)
             expected[role].append([weight_grad[rows], bias_grad[rows]])
     assert_role_norms(blocks, expected)
+
+
+def test_readme_mapping_file_maps_encoder(tmp_path) -> None:
+    """The README's mapping, saved as a JSON file, maps nn.TransformerEncoder like the tested mapping."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("```json\n") + len("```json\n")
+    text = readme[start : readme.index("```", start)]
+    path = tmp_path / "mapping.json"
+    path.write_text(text)
+    model = torch_encoder()
+
+    from_file = discover(model, mapping=path)
+    # The README leaves out `attention`, which serves attention statistics on modules that capture q and k.
+    expected = discover(model, mapping={key: value for key, value in ENCODER_MAPPING.items() if key != "attention"})
+
+    assert from_file.describe() == expected.describe()
+    with stabiliscope.watch(model, mapping=str(path)) as w:
+        model(torch.randn(2, 5, WIDTH)).sum().backward()
+        w.step()
+    assert len(w.records[0].blocks["act/resid_mid_rms"]) == DEPTH

@@ -68,6 +68,8 @@ class Watch:
     sink in `sinks` at every flush. `log_dir` adds a TensorBoard sink writing
     into that folder; `store` adds a SQLite run store at that file path, with
     the run named `name`.
+    `mapping` places the blocks and roles of a model that no built-in layout
+    fits: a dict, the path of a JSON file or a `ModelLayout` (see `discover`).
 
     In a `torch.distributed` job (DDP, or FSDP2's `fully_shard` over a 1-D
     mesh), `process_group="auto"` reduces the statistics over the default

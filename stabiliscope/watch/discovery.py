@@ -15,6 +15,7 @@ plain dict in the form that `layout_from_dict` accepts.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -845,17 +846,23 @@ def _unmappable_error(root: nn.Module) -> DiscoveryError:
     )
 
 
-def discover(model: nn.Module, mapping: ModelLayout | Mapping[str, Any] | None = None) -> ModelMap:
+def discover(model: nn.Module, mapping: ModelLayout | Mapping[str, Any] | str | os.PathLike | None = None) -> ModelMap:
     """Find the blocks, hook points and parameter roles of `model`.
 
     Without `mapping`, the built-in `LAYOUTS` are tried in order and the
     first whose module paths exist in every block of a unique block list is
-    used. `mapping` is a `ModelLayout` or a dict accepted by
-    `layout_from_dict`, checked strictly (see `map_model`). Raises
-    DiscoveryError listing the model's module lists when nothing fits.
+    used. `mapping` is a `ModelLayout`, a dict accepted by `layout_from_dict`
+    or the path of a JSON file with such a dict, checked strictly (see
+    `map_model`). Raises DiscoveryError listing the model's module lists when
+    nothing fits.
     """
     if mapping is not None:
-        layout = mapping if isinstance(mapping, ModelLayout) else layout_from_dict(mapping)
+        if isinstance(mapping, ModelLayout):
+            layout = mapping
+        elif isinstance(mapping, (str, os.PathLike)):
+            layout = load_mapping(mapping)
+        else:
+            layout = layout_from_dict(mapping)
         return map_model(model, layout, strict=True)
 
     root, unwrapped = unwrap_model(model)
