@@ -248,10 +248,29 @@ def test_close_keeps_late_spike(tmp_path):
     assert not any(name.startswith(("act/", "attn/", "update/")) for name in closing.blocks)
     assert any(r.blocks.get("update/mlp.out") for r in w.records[:-1])
     assert [(s.step, s.metric) for s in w.spikes] == [(42, "loss")]
+    assert w.spikes[0].value == 50.0
 
     assert store.last_step("r", "loss") == 42
     assert store.last_step("r", "act/resid_post_rms") == 40
     store.close()
+
+
+def test_spike_between_flushes_keeps_value():
+    model = make_model()
+    x, y = make_batch()
+    losses = [2.0 + 0.01 * (i % 3) for i in range(30)]
+    losses[17] = 40.0
+    with watch(model, every=10) as w:
+        for value in losses:
+            _, loss = model(x, y)
+            loss.backward()
+            w.step(torch.tensor(value))
+            model.zero_grad()
+    loss_spikes = [s for s in w.spikes if s.metric == "loss"]
+    assert [s.step for s in loss_spikes] == [17]
+    assert loss_spikes[0].value == 40.0
+    assert loss_spikes[0].median == pytest.approx(2.01)
+    assert w.records[2].scalars["loss/interval_max"] == 40.0
 
 
 def test_exception_skips_closing_record():

@@ -582,7 +582,10 @@ class Watch:
 
     def _track_scalars(self, scalars: torch.Tensor) -> None:
         """Score spikes, update the interval extremes and the first non-finite scalar, on the device."""
-        self._pending_spikes.append((self._step, self._spikes.score(scalars)))
+        # Each step keeps its values beside their scores, so a spike between
+        # flush steps is reported with the value that set it off.
+        scores = torch.cat([self._spikes.score(scalars), scalars[:, None]], dim=1)
+        self._pending_spikes.append((self._step, scores))
 
         loss_value, grad_total = scalars[0], scalars[1]
         self._interval = torch.stack(

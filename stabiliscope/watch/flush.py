@@ -8,7 +8,6 @@ the order of the parts; `unpack` turns the host copy back into a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +56,7 @@ class FlushLayout:
       (3 x positions x blocks);
     - attention logit max and entropy sum (2 x blocks);
     - update ratios (blocks x roles), only when the optimizer step was seen;
-    - spike scores (steps x 2 metrics x 3).
+    - spike scores and values (steps x 2 metrics x 4: flag, z-score, median, value).
     """
 
     depth: int
@@ -85,8 +84,8 @@ class FlushLayout:
         act = take(3 * positions * depth).reshape(3, positions, depth)
         attn = take(2 * depth).reshape(2, depth)
         updates = take(depth * role_count).reshape(depth, role_count) if counts.has_update else None
-        spike_log = take(len(counts.spike_steps) * len(SPIKE_METRICS) * 3)
-        spike_log = spike_log.reshape(len(counts.spike_steps), len(SPIKE_METRICS), 3)
+        spike_log = take(len(counts.spike_steps) * len(SPIKE_METRICS) * 4)
+        spike_log = spike_log.reshape(len(counts.spike_steps), len(SPIKE_METRICS), 4)
 
         scalars = {"loss": float(loss), "grad/total": float(grad_total)}
         if every > 1:
@@ -120,22 +119,19 @@ class FlushLayout:
             for role_index, role in enumerate(self.roles):
                 blocks[f"update/{role}"] = updates[:, role_index].tolist()
 
-        spikes = self._spikes(step, scalars, spike_log, counts.spike_steps)
+        spikes = self._spikes(spike_log, counts.spike_steps)
         nonfinite = self._first_nonfinite(step, act[2], stream_grad[1], measured, first_bad_step, first_bad_code)
         return StepRecord(step=step, scalars=scalars, blocks=blocks), spikes, nonfinite
 
     @staticmethod
-    def _spikes(step: int, scalars: dict, spike_log: np.ndarray, spike_steps: list[int]) -> list[SpikeEvent]:
+    def _spikes(spike_log: np.ndarray, spike_steps: list[int]) -> list[SpikeEvent]:
         spikes = []
         for row, spike_step in enumerate(spike_steps):
             for metric_index, metric in enumerate(SPIKE_METRICS):
-                flag, zscore, median = spike_log[row, metric_index]
+                flag, zscore, median, value = spike_log[row, metric_index]
                 if flag < 0.5:
                     continue
-                # Only the flush step's own value is kept; earlier steps of the
-                # interval appear through the interval extremes.
-                value = scalars[metric] if spike_step == step else math.nan
-                spikes.append(SpikeEvent(spike_step, metric, value, float(zscore), float(median)))
+                spikes.append(SpikeEvent(spike_step, metric, float(value), float(zscore), float(median)))
         return spikes
 
     def _first_nonfinite(
