@@ -180,8 +180,31 @@ def render_page(results: list[dict[str, Any]]) -> str:
         "it can exceed the wall time.",
         "",
         "\"Measured\" is the mean over seeds with the half-width of its 95% confidence interval",
-        "(Student's t); a single seed has no interval. Runs on another machine or torch version",
-        "can differ in the last digits.",
+        "(Student's t); a single seed has no interval. A claim passes when the mean lies in the",
+        "expected interval, as `stabiliscope probe` decides; the confidence interval shows how",
+        "far the seeds agree but does not enter the verdict. Runs on another machine or torch",
+        "version can differ in the last digits.",
+        "",
+        "\"Quantity\" names how each seed's runs are reduced to one number, and the metric read:",
+        "",
+        "- `loglog_slope_vs_depth`: least-squares slope of log(value) against log(depth) over the",
+        "  grid's depths, for the last block unless another block is named;",
+        "- `loglog_slope_vs_layer`: slope of log(value) against log(l + 1) over the blocks of one run;",
+        "- `last_over_first`: the last block's value over the first block's;",
+        "- `max_over_min`: the largest block value over the smallest;",
+        "- `spearman_vs_layer`: rank correlation of the per-block values with the block index;",
+        "- `growth_from_init`: the max over blocks at the step read, over the max at initialization;",
+        "- `final_loss`: the final training loss; `diverged_step`: the step where the run diverged,",
+        "  or its step count when it did not;",
+        "- `value`: one number computed per run, for the probes that measure rather than train.",
+        "",
+        "\"init\" reads step 0 and \"final\" the last recorded step. Where the strategy column",
+        "reads `a / b`, the number is a's value over b's, seed by seed.",
+        "",
+        "In the files that reproduce a paper, a failed claim reads \"FAIL: not reproduced\" and",
+        "has a note on what was tried. The `beyond_hybridnorm_deep` file asks a question the",
+        "paper left open, so a failed claim there reads \"FAIL: does not hold here\": it is a",
+        "result, which the file's \"What it finds\" paragraph discusses.",
         "",
         "| file | claims passed | wall time | CPU time |",
         "| --- | --- | --- | --- |",
@@ -242,8 +265,8 @@ def render_probe(item: dict[str, Any]) -> list[str]:
         f"**Command.** `stabiliscope probe {_shown_path(path)}` ({item['runs']} runs{_failed_runs(item)}; "
         f"{_format_seconds(item['wall_time_s'])} wall, {_format_seconds(item.get('cpu_time_s'))} CPU).",
         "",
-        "| claim | statement | strategy | measured | expected | verdict |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| claim | statement | strategy | quantity | measured | expected | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     notes = []
@@ -252,7 +275,7 @@ def render_probe(item: dict[str, Any]) -> list[str]:
         verdict = claim["verdict"] if claim["verdict"] == "PASS" else failed_verdict
         lines.append(
             f"| `{claim['id']}` | {_cell(claim['statement'])} | {_cell(parsed.describe_subject())} "
-            f"| {_format_measured(claim)} | {_format_expected(claim['expect'])} | {verdict} |"
+            f"| {_cell(parsed.describe_quantity())} | {_format_measured(claim)} | {_format_expected(claim['expect'])} | {verdict} |"
         )
         note = NOTES.get((stem, claim["id"]))
         if note is not None:

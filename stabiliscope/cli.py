@@ -844,15 +844,20 @@ def _format_measured(result: Any) -> str:
 
 def _render_probe_table(probe_result: Any) -> Table:
     probe = probe_result.probe
-    grid = "reduced grid" if probe_result.reduced else "full grid"
+    if probe_result.reduced:
+        grid = "reduced grid" if probe.reduced else "full grid: the file has no [reduced] table"
+    else:
+        grid = "full grid"
     table = Table(
-        title=f"{probe.path} ({grid}, {probe_result.wall_time_s:.0f} s)\n{probe.source.citation()}",
-        caption="measured: mean over seeds ± half-width of the 95% confidence interval",
+        title=escape(f"{probe.path} ({grid}, {probe_result.wall_time_s:.0f} s)\n{probe.source.citation()}"),
+        caption="measured: mean over seeds ± half-width of the 95% confidence interval. "
+        "A claim passes when the mean lies in the expected interval.",
         show_lines=True,
     )
     table.add_column("claim", style="bold")
     table.add_column("statement", ratio=3)
     table.add_column("strategy")
+    table.add_column("quantity", ratio=1)
     table.add_column("measured", ratio=1)
     table.add_column("expected")
     table.add_column("verdict")
@@ -864,6 +869,7 @@ def _render_probe_table(probe_result: Any) -> Table:
             claim.statement,
             # Strategy [variant], or the ratio "subject / baseline".
             escape(claim.describe_subject()),
+            escape(claim.describe_quantity()),
             _format_measured(result),
             _format_expected(*claim.expect),
             verdict,

@@ -120,6 +120,29 @@ def test_json_output(tmp_path: Path, shared_out: Path) -> None:
     assert claim["expect"] == [1.0, 1e30]
 
 
+def test_table_names_quantity_and_rule(tmp_path: Path, shared_out: Path) -> None:
+    path = write_tiny_probe(tmp_path / "rule", PASSING)
+
+    result = invoke("probe", path, "--out", shared_out)
+
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "max_over_min of grad/mlp.out at init" in text
+    assert "A claim passes when the mean lies in the expected interval." in text
+
+
+def test_reduced_without_table_says_full(tmp_path: Path, shared_out: Path) -> None:
+    folder = tmp_path / "noreduced"
+    folder.mkdir()
+    path = folder / "tiny.toml"
+    path.write_text(TINY_PROBE.format(**PASSING).replace("[reduced]\nseeds = [0]\n", ""))
+
+    result = invoke("probe", path, "--reduced", "--out", shared_out)
+
+    assert result.exit_code == 0, result.output
+    assert "full grid: the file has no [reduced] table" in " ".join(result.stdout.split())
+
+
 def test_reduced_grid_single_seed(tmp_path: Path, shared_out: Path) -> None:
     path = write_tiny_probe(tmp_path / "reduced", PASSING)
 

@@ -80,6 +80,7 @@ SWEEP_METRIC_FORMS = (
 )
 
 MEASUREMENT_REDUCERS = ("value", "loglog_slope_vs_depth")
+_MEASUREMENT_METRICS = frozenset(name for names in KIND_METRICS.values() for name in names)
 """Reducers accepted for measurement kinds, whose values are one number per run."""
 
 VARIANT_KEYS = ("strategies", "init", "ffn", "norm", "warmup", "lr", "embed_scale", "grad_clip", "weight_scale")
@@ -186,6 +187,20 @@ class Claim:
             return subject
         baseline = _with_variant(self.baseline or self.strategy, self.baseline_variant or self.variant)
         return f"{subject} / {baseline}"
+
+    def describe_quantity(self) -> str:
+        """Return the reduced quantity, such as `max_over_min of grad/mlp.out at final, depth 16`."""
+        if self.reduce in RUN_REDUCERS:
+            text = self.reduce
+        elif self.reduce in MEASUREMENT_REDUCERS and self.metric in _MEASUREMENT_METRICS:
+            text = f"{self.reduce} of {self.metric}"
+        else:
+            text = f"{self.reduce} of {self.metric} at {self.at if isinstance(self.at, str) else f'step {self.at}'}"
+        if self.reduce == "loglog_slope_vs_depth" and self.metric not in _MEASUREMENT_METRICS:
+            text += ", last block" if self.layer == -1 else f", block {self.layer}"
+        if self.depth is not None:
+            text += f", depth {self.depth}"
+        return text
 
 
 def _with_variant(strategy: str, variant: str | None) -> str:
