@@ -304,7 +304,8 @@ def render_table(rows: Iterable[SummaryRow]) -> Table:
         title=f"Depth sweep summary ({metric} per layer)",
         caption=(
             "Profiles: one character per layer, embedding side first, on a log10 scale "
-            f"within each profile; {NONFINITE_MARK} = NaN or Inf. "
+            f"within each profile, at least a factor of {10 ** MIN_SPAN_DECADES:.2f} tall; "
+            f"{NONFINITE_MARK} = NaN or Inf. "
             "last/first: last-layer value over first-layer value."
         ),
     )

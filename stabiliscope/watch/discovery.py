@@ -839,10 +839,11 @@ def _unmappable_error(root: nn.Module) -> DiscoveryError:
     example = mapping_example(block_lists[0]) if block_lists else mapping_example()
     return DiscoveryError(
         f"Cannot find transformer blocks in {type(root).__name__}: none of the {len(LAYOUTS)} built-in layouts "
-        "(stabiliscope reference, Hugging Face Llama-style and GPT-2, nanoGPT) fits.\n"
+        f"({'; '.join(layout.name for layout in LAYOUTS)}) fits.\n"
         f"{_module_list_summary(root)}\n"
-        "Pass a mapping to discover(model, mapping=...) or a JSON file to 'stabiliscope inspect --mapping', "
-        f"for example: {example}"
+        "Pass a mapping to watch(model, mapping=...) or discover(model, mapping=...), or a JSON file to "
+        "'stabiliscope inspect --mapping'. A template to adapt to this model's parameter and module "
+        f"names: {example}"
     )
 
 
