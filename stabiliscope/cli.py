@@ -553,9 +553,8 @@ def report(sweep_dir: Path, output_format: str, plot_path: Path | None) -> None:
         listed = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         _console(stderr=True).print(
             f"Not recorded yet: {len(missing)} run{'s' if len(missing) > 1 else ''} of the sweep's grid "
-            f"({listed}). A shard that was "
-            "never started, or a sweep that stopped early, leaves runs out; rerun it with the same "
-            "--out (and --shard) to train them.",
+            f"({listed}). A shard that was never started, or a sweep that stopped early, leaves runs "
+            "out. Rerun it with the same --out (and --shard) to train them.",
             highlight=False,
             soft_wrap=True,
         )

@@ -242,7 +242,7 @@ def test_close_keeps_late_spike(tmp_path):
     assert closing.scalars["loss/interval_max"] == 50.0
     assert closing.scalars["loss/interval_min"] == pytest.approx(2.02)  # steps 41 and 42
     assert closing.scalars["grad/total/interval_max"] >= closing.scalars["grad/total/interval_min"] > 0
-    # The closing record has the gradient norms of its own step; forward
+    # The closing record has the gradient norms of its own step. Forward
     # statistics and update ratios are only taken on flush steps.
     assert len(closing.blocks["grad/mlp.out"]) == model.config.depth
     assert not any(name.startswith(("act/", "attn/", "update/")) for name in closing.blocks)

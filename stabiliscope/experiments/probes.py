@@ -80,8 +80,9 @@ SWEEP_METRIC_FORMS = (
 )
 
 MEASUREMENT_REDUCERS = ("value", "loglog_slope_vs_depth")
-_MEASUREMENT_METRICS = frozenset(name for names in KIND_METRICS.values() for name in names)
 """Reducers accepted for measurement kinds, whose values are one number per run."""
+
+_MEASUREMENT_METRICS = frozenset(name for names in KIND_METRICS.values() for name in names)
 
 VARIANT_KEYS = ("strategies", "init", "ffn", "norm", "warmup", "lr", "embed_scale", "grad_clip", "weight_scale")
 """`[experiment]` keys a `[[variant]]` may change. Depths, seeds and steps are shared, so one `[reduced]` fits every variant."""
@@ -195,7 +196,8 @@ class Claim:
         elif self.reduce in MEASUREMENT_REDUCERS and self.metric in _MEASUREMENT_METRICS:
             text = f"{self.reduce} of {self.metric}"
         else:
-            text = f"{self.reduce} of {self.metric} at {self.at if isinstance(self.at, str) else f'step {self.at}'}"
+            at = self.at if isinstance(self.at, str) else f"step {self.at}"
+            text = f"{self.reduce} of {self.metric} at {at}"
         if self.reduce == "loglog_slope_vs_depth" and self.metric not in _MEASUREMENT_METRICS:
             text += ", last block" if self.layer == -1 else f", block {self.layer}"
         if self.depth is not None:

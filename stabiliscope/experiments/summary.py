@@ -432,15 +432,13 @@ def missing_runs(store: Any) -> list[str]:
     shard saves the whole grid). A shard that never started, or runs an
     interrupted sweep never reached, show up here.
     """
-    planned: list[str] = []
+    planned: dict[str, None] = {}  # run ids in grid order, without repeats
     for run_store in getattr(store, "stores", [store]):
         config = run_store.get_meta(SWEEP_CONFIG_KEY) or {}
         for depth in config.get("depths", []):
             for strategy in config.get("norms", []):
                 for seed in config.get("seeds", []):
-                    run_id = make_run_id(strategy, depth, seed)
-                    if run_id not in planned:
-                        planned.append(run_id)
+                    planned[make_run_id(strategy, depth, seed)] = None
     return [run_id for run_id in planned if store.get_run(run_id) is None]
 
 

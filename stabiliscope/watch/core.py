@@ -238,7 +238,7 @@ class Watch:
         self._step_value = torch.zeros((), device=device)
         self._pending_spikes: list[tuple[int, torch.Tensor]] = []
         self._staged: _Staged | None = None
-        self._unstaged: tuple | None = None  # the last step() since a flush step, kept for close()
+        self._unstaged: tuple | None = None  # the last step() after the last flush step, staged by close()
         self._snapshot: tuple[int, torch.Tensor] | None = None  # (step, squared slice norms before)
         self._pending_update: tuple[int, torch.Tensor] | None = None
         window, threshold, min_history = self._spike_settings
