@@ -104,6 +104,64 @@ def test_update_ratio_optimizer_first():
     assert w.records[0].scalars["lr"] == 0.5
 
 
+def train_steps(model, optimizer, steps, optimizer_first=False, **options):
+    """Train `steps` steps on fixed batches, returning the watch and each step's update ratio of block 1's FFN output."""
+    weight = model.blocks[1].mlp.fc_out.weight
+    ratios = []
+    with watch(model, optimizer, **options) as w:
+        for step in range(steps):
+            x, y = make_batch(seed=step)
+            before = weight.detach().clone()
+            optimizer.zero_grad()
+            _, loss = model(x, y)
+            loss.backward()
+            if optimizer_first:
+                optimizer.step()
+                w.step(loss)
+            else:
+                w.step(loss)
+                optimizer.step()
+            ratios.append(((weight - before).norm() / before.norm()).item())
+    return w, ratios
+
+
+@pytest.mark.parametrize("optimizer_first", [False, True])
+def test_update_every_takes_ratios_on_schedule(optimizer_first):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    w, ratios = train_steps(model, optimizer, 7, optimizer_first, update_every=3)
+    assert [r.step for r in w.records] == list(range(7))
+    for record in w.records:
+        if record.step % 3 == 0:
+            assert record.blocks["update/mlp.out"][1] == pytest.approx(ratios[record.step], rel=1e-4)
+        else:
+            assert not any(name.startswith("update/") for name in record.blocks), record.step
+        assert record.scalars["lr"] == 0.5
+        assert "act/resid_post_rms" in record.blocks
+    arrays = w.arrays()
+    assert np.isnan(arrays["update/mlp.out"][[1, 2, 4, 5]]).all()
+
+
+@pytest.mark.parametrize("optimizer_first", [False, True])
+@pytest.mark.parametrize(("update_every", "expected"), [(None, [0, 2, 4, 6, 8]), (4, [0, 4, 8])])
+def test_update_ratio_of_own_step(update_every, expected, optimizer_first):
+    # With every=2, each flush record carries the change made by its own
+    # optimizer step, not by the step before it.
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    w, ratios = train_steps(model, optimizer, 9, optimizer_first, every=2, update_every=update_every)
+    with_update = {r.step: r.blocks["update/mlp.out"][1] for r in w.records if "update/mlp.out" in r.blocks}
+    assert sorted(with_update) == expected
+    for step, value in with_update.items():
+        assert value == pytest.approx(ratios[step], rel=1e-4), step
+
+
+@pytest.mark.parametrize("value", [0, -2, 3, 2.0, True, "4"])
+def test_update_every_rejects_bad_values(value):
+    with pytest.raises(ValueError, match=r"update_every must be a positive multiple of every \(2\)"):
+        watch(make_model(), every=2, update_every=value)
+
+
 def test_no_update_without_optimizer():
     blocks = one_step(make_model()).records[0].blocks
     assert not any(name.startswith("update/") for name in blocks)

@@ -61,8 +61,11 @@ class Watch:
     module is in training mode, gradients are enabled, and autograd is not
     recomputing a checkpointed block. `no_grad`, eval and recomputation
     forwards are ignored. Given the `optimizer`, the watch also records the
-    learning rate and `update/<role>` across each flush step's optimizer
-    step. That record is emitted after the optimizer step.
+    learning rate and `update/<role>` across the optimizer step of each flush
+    step, or of every `update_every`-th step when that is set (a multiple of
+    `every`). A record with update ratios is emitted after its optimizer step.
+    Update ratios are the watch's largest cost: they copy every weight before
+    the optimizer step, so `update_every` lowers the cost of `every=1`.
 
     Records stay in `records` (unless `keep_records=False`) and go to each
     sink in `sinks` at every flush. `log_dir` adds a TensorBoard sink writing
@@ -85,6 +88,7 @@ class Watch:
         *,
         name: str = "model",
         every: int = 1,
+        update_every: int | None = None,
         sinks: Sequence[Sink] = (),
         log_dir: str | os.PathLike | None = None,
         store: str | os.PathLike | None = None,
@@ -98,11 +102,23 @@ class Watch:
     ) -> None:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be a positive integer number of steps, got {every!r}")
+        if update_every is None:
+            update_every = every
+        if (
+            not isinstance(update_every, int)
+            or isinstance(update_every, bool)
+            or update_every < 1
+            or update_every % every
+        ):
+            raise ValueError(
+                f"update_every must be a positive multiple of every ({every}) or None, got {update_every!r}"
+            )
         self.model = model
         self.optimizer = optimizer
         self.scaler = scaler
         self.name = name
         self.every = every
+        self.update_every = update_every
         self.sinks = list(sinks)
         self.keep_records = keep_records
         self.model_map: ModelMap = discover(model) if mapping is None else discover(model, mapping=mapping)
@@ -214,6 +230,7 @@ class Watch:
                 self._split_slices_of_param.setdefault(param_index, []).append(slice_index)
         self._fired = [False] * len(self._params)
         self._backward_queued = False
+        self._step_closed = False  # step() ran and no backward pass has ended since
         self._index_cache: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}
         self._grad_sq = torch.zeros(len(self._params), device=device)
         self._slice_sq = torch.zeros(len(self._slices), device=device)
@@ -336,6 +353,7 @@ class Watch:
     def _after_backward(self) -> None:
         """Take the squared norms of every accumulated gradient and role slice in one batch."""
         self._backward_queued = False
+        self._step_closed = False
         kept = [i for i, fired in enumerate(self._fired) if fired and self._params[i].grad is not None]
         if not kept:
             return
@@ -488,12 +506,16 @@ class Watch:
 
     # ------------------------------------------------------ optimizer steps
 
+    def _takes_update(self, step: int) -> bool:
+        return self.optimizer is not None and step % self.update_every == 0
+
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
-        if self._staged is not None and self._staged.update is None:
-            target = self._staged.step  # step() came first, as in the usual loop
-        elif self._step % self.every == 0:
-            target = self._step  # the optimizer steps before step() is called
-        else:
+        # Between step() and the next backward pass, the optimizer step belongs
+        # to the step that step() closed, as in the usual loop. Otherwise the
+        # loop calls step() after the optimizer, and it belongs to the open step.
+        target = self._step - 1 if self._step_closed else self._step
+        self._step_closed = False
+        if target < 0 or not self._takes_update(target):
             return
         with torch.no_grad():
             if self._weight_copies is None:
@@ -567,10 +589,12 @@ class Watch:
             else:
                 self._unstaged = (self._step, scalars, grad_sq, slice_sq)
         self._step += 1
+        self._step_closed = True
         self._last_output = None
         self._forward_seen[:] = False
 
-        if self._staged is not None and (self.optimizer is None or self._staged.update is not None):
+        staged = self._staged
+        if staged is not None and (staged.update is not None or not self._takes_update(staged.step)):
             self._emit()
 
     def _as_device_scalar(self, loss: torch.Tensor | float | None) -> torch.Tensor:
@@ -812,8 +836,8 @@ def _first_tensor(args, kwargs) -> torch.Tensor | None:
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **options) -> Watch:
     """Attach a `Watch` to `model` and return it; use it as a context manager to detach.
 
-    `options` are the keyword arguments of `Watch` (`name`, `every`, `sinks`,
-    `log_dir`, `store`, `scaler`, `mapping`, spike settings, `keep_records`,
-    `process_group`).
+    `options` are the keyword arguments of `Watch` (`name`, `every`,
+    `update_every`, `sinks`, `log_dir`, `store`, `scaler`, `mapping`, spike
+    settings, `keep_records`, `process_group`).
     """
     return Watch(model, optimizer, **options).attach()
