@@ -7,17 +7,21 @@ the whole measurement, but only to its own model, so they never run while
 another variant is timed. The variants are timed in interleaved rounds in one
 process: every round runs each variant for the same number of steps, so
 machine noise falls on all variants alike. A variant's ratio is its
-step time divided by bare's step time in the same round, and the table gives
-the median and the min-max of that ratio over rounds.
+step time divided by bare's step time in the same round. The table gives the
+median of that ratio over rounds, a 95 % confidence interval of the median
+and its min-max. Each model also has a second bare copy as a control: its
+ratio would be 1 without noise, so its interval shows how finely the
+measurement resolves a ratio.
 
 Two models are measured:
 
 - reference: the reference transformer (depth 12, width 256) on the built-in
-  corpus with AdamW. Variants: bare, stabiliscope every=1 and every=10,
-  wandb.watch(log="all", log_freq=1) and hand-written hooks.
+  corpus with AdamW. Variants: bare, its control, stabiliscope every=1,
+  every=1 with update_every=10 and every=10, wandb.watch(log="all",
+  log_freq=1) and hand-written hooks.
 - mlp: a 784-256-256-10 ReLU MLP on random data with SGD and cross-entropy,
-  a model that Cockpit supports. Variants: bare, Cockpit's "economy"
-  configuration and stabiliscope every=1 with a user mapping.
+  a model that Cockpit supports. Variants: bare, its control, Cockpit's
+  "economy" configuration and stabiliscope every=1 with a user mapping.
 
     python benchmarks/overhead.py
     python benchmarks/overhead.py --only mlp --rounds 5
@@ -35,6 +39,7 @@ import argparse
 import importlib
 import importlib.metadata
 import importlib.util
+import math
 import os
 import platform
 import shlex
@@ -100,6 +105,7 @@ STABILISCOPE_EVERY_10_RECORDS = (
     "every step: squared norm of each parameter gradient, loss and gradient-norm spike scores; "
     "the full record every 10th step"
 )
+STABILISCOPE_UPDATE_EVERY_10_RECORDS = "the every=1 record, with update ratios every 10th step only"
 
 
 @dataclass
@@ -198,9 +204,15 @@ class MLPRun:
 def stabiliscope_variant(run: LanguageModelRun | MLPRun, label: str, every: int, records: str, **options) -> Variant:
     """Attach a stabiliscope watch with in-memory records and no sinks."""
     watcher = stabiliscope.watch(run.model, run.optimizer, every=every, keep_records=True, **options)
-    return Variant(
-        f"stabiliscope every={every}", label, records, lambda: run.step(after_backward=watcher.step), watcher.close
-    )
+    name = f"stabiliscope every={every}"
+    if "update_every" in options:
+        name += f", update_every={options['update_every']}"
+    return Variant(name, label, records, lambda: run.step(after_backward=watcher.step), watcher.close)
+
+
+def control_variant(run: LanguageModelRun | MLPRun, label: str) -> Variant:
+    """A second bare copy: its ratio to bare shows how finely the measurement can resolve a ratio."""
+    return Variant("bare, second copy", label, "nothing (measurement control)", run.step)
 
 
 def hand_written_variant(run: LanguageModelRun, label: str) -> Variant:
@@ -343,8 +355,12 @@ def add_reference_variants(variants: list[Variant], args: argparse.Namespace, fo
 
     bare = new_run()
     variants.append(Variant("bare", label, "nothing", bare.step))
+    variants.append(control_variant(new_run(), label))
     records = STABILISCOPE_RECORDS + ", attention logit max and entropy"
     variants.append(stabiliscope_variant(new_run(), label, 1, records))
+    variants.append(
+        stabiliscope_variant(new_run(), label, 1, STABILISCOPE_UPDATE_EVERY_10_RECORDS, update_every=10)
+    )
     variants.append(stabiliscope_variant(new_run(), label, 10, STABILISCOPE_EVERY_10_RECORDS))
     note = missing_tool_note('wandb.watch log="all"', "wandb", "wandb")
     if note is None:
@@ -368,6 +384,7 @@ def add_mlp_variants(variants: list[Variant], args: argparse.Namespace, notes: l
 
     bare = MLPRun(sizes, batch_size)
     variants.append(Variant("bare", label, "nothing", bare.step))
+    variants.append(control_variant(MLPRun(sizes, batch_size), label))
     note = missing_tool_note('Cockpit "economy"', "cockpit", "cockpit-for-pytorch")
     if note is None:
         variants.append(cockpit_variant(MLPRun(sizes, batch_size), label))
@@ -411,6 +428,29 @@ def time_rounds(variants: list[Variant], rounds: int, steps: int, warmup: int) -
     return seconds_per_step
 
 
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Return a distribution-free confidence interval of the median of `values`.
+
+    The interval runs from the k-th smallest to the k-th largest value, with
+    the largest k whose coverage, from the binomial distribution with p = 1/2,
+    is at least `confidence` (the order-statistic interval of the median).
+    With too few values for that coverage, it spans the min and the max.
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+    tail = (1 - confidence) / 2
+    below = 0.0  # P(fewer than k values fall below the median)
+    k = 0
+    while k < n // 2:
+        below_next = below + math.comb(n, k) / 2**n
+        if below_next > tail:
+            break
+        below = below_next
+        k += 1
+    k = max(k, 1)
+    return ordered[k - 1], ordered[n - k]
+
+
 def table_rows(variants: list[Variant], seconds_per_step: dict[str, list[float]]) -> list[str]:
     """Format one Markdown table row per variant, with ratios to bare taken round by round."""
     bare = seconds_per_step["bare"]
@@ -418,9 +458,11 @@ def table_rows(variants: list[Variant], seconds_per_step: dict[str, list[float]]
     for variant in variants:
         times = seconds_per_step[variant.name]
         ratios = [seconds / bare_seconds for seconds, bare_seconds in zip(times, bare)]
+        low, high = median_interval(ratios)
         rows.append(
             f"| {variant.name} | {variant.model} | {statistics.median(times) * 1e3:.1f} "
-            f"| {statistics.median(ratios):.2f} | {min(ratios):.2f}-{max(ratios):.2f} | {variant.records} |"
+            f"| {statistics.median(ratios):.3f} | {low:.3f}-{high:.3f} | {min(ratios):.2f}-{max(ratios):.2f} "
+            f"| {variant.records} |"
         )
     return rows
 
@@ -469,7 +511,7 @@ def route_tool_files(folder: str) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 10, 2 with --quick)")
+    parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 20, 2 with --quick)")
     parser.add_argument(
         "--steps-per-round",
         type=int,
@@ -490,7 +532,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
 
     defaults = {
-        "rounds": 10,
+        "rounds": 20,
         "steps_per_round": 10,
         "warmup": 3,
         "batch_size": REFERENCE_BATCH_SIZE,
@@ -539,8 +581,11 @@ def main() -> None:
                     variant.close()
             rows.extend(table_rows(variants, seconds_per_step))
 
-    print("| variant | model | ms per step (median) | ratio to bare (median) | ratio min-max | records per step |")
-    print("|---|---|---:|---:|---:|---|")
+    print(
+        "| variant | model | ms per step (median) | ratio to bare (median) | 95 % interval of the median "
+        "| ratio min-max | records per step |"
+    )
+    print("|---|---|---:|---:|---:|---:|---|")
     print("\n".join(rows))
     print()
     print(
