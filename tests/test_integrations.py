@@ -68,6 +68,7 @@ class ReferenceModule(pl.LightningModule):
         self.batch_losses: list[float] = []
         self.pre_clip_norms: list[float] = []
         self.post_clip_norms: list[float] = []
+        self.weights_before_step: list[torch.Tensor] = []
 
     def training_step(self, batch, batch_idx):
         if batch_idx == self.fail_at_batch:
@@ -80,6 +81,7 @@ class ReferenceModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer):
         # Lightning calls this after the callbacks' hook and before clipping.
         self.pre_clip_norms.append(global_norm(self.parameters()))
+        self.weights_before_step.append(self.model.blocks[1].mlp.fc_out.weight.detach().clone())
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
@@ -128,6 +130,15 @@ def test_lightning_one_record_per_optimizer_step(lightning_run):
     records = lightning_run.callback.watch.records
     assert len(lightning_run.module.batch_losses) == MAX_STEPS * ACCUMULATE
     assert [record.step for record in records] == list(range(MAX_STEPS))
+
+
+def test_lightning_update_ratio_of_each_step(lightning_run):
+    # Lightning runs forward and backward in a closure inside optimizer.step(),
+    # so the watch sees the optimizer step begin before step() is called.
+    weights = lightning_run.module.weights_before_step + [lightning_run.module.model.blocks[1].mlp.fc_out.weight]
+    expected = [((after - before).norm() / before.norm()).item() for before, after in zip(weights, weights[1:])]
+    recorded = [record.blocks["update/mlp.out"][1] for record in lightning_run.callback.watch.records]
+    assert recorded == pytest.approx(expected, rel=1e-4)
 
 
 def test_lightning_grad_total_is_pre_clip(lightning_run):

@@ -230,7 +230,7 @@ class Watch:
                 self._split_slices_of_param.setdefault(param_index, []).append(slice_index)
         self._fired = [False] * len(self._params)
         self._backward_queued = False
-        self._step_closed = False  # step() ran and no backward pass has ended since
+        self._step_closed = False  # step() ran, and no backward pass or optimizer step has ended since
         self._index_cache: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}
         self._grad_sq = torch.zeros(len(self._params), device=device)
         self._slice_sq = torch.zeros(len(self._slices), device=device)
@@ -510,9 +510,11 @@ class Watch:
         return self.optimizer is not None and step % self.update_every == 0
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
-        # Between step() and the next backward pass, the optimizer step belongs
-        # to the step that step() closed, as in the usual loop. Otherwise the
-        # loop calls step() after the optimizer, and it belongs to the open step.
+        # Right after step(), with no backward pass or optimizer step since, the
+        # optimizer step belongs to the step that step() closed, as in the
+        # usual loop. Otherwise it belongs to the open step: the loop calls
+        # step() after the optimizer, or the optimizer runs a closure that
+        # does the forward and backward passes and calls step() (Lightning).
         target = self._step - 1 if self._step_closed else self._step
         self._step_closed = False
         if target < 0 or not self._takes_update(target):
@@ -530,6 +532,7 @@ class Watch:
         self._snapshot = (target, before_sq)
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self._step_closed = False
         if self._snapshot is None:
             return
         target, before_sq = self._snapshot
