@@ -231,6 +231,17 @@ def tiny_llama() -> nn.Module:
     return transformers.LlamaForCausalLM(config)
 
 
+class WeightLog(transformers.TrainerCallback):
+    """Keeps a copy of one weight before each optimizer step."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+        self.before_step: list[torch.Tensor] = []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.before_step.append(self.weight.detach().clone())
+
+
 def test_trainer_callback_records_each_step(tmp_path):
     torch.manual_seed(0)
     model = tiny_llama()
@@ -249,11 +260,15 @@ def test_trainer_callback_records_each_step(tmp_path):
         disable_tqdm=True,
     )
     callback = StabiliscopeTrainerCallback()
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])
+    weights = WeightLog(model.model.layers[1].mlp.down_proj.weight)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback, weights])
     trainer.train()
 
     records = callback.watch.records
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    snapshots = weights.before_step + [weights.weight.detach()]
+    expected = [((after - before).norm() / before.norm()).item() for before, after in zip(snapshots, snapshots[1:])]
+    assert [r.blocks["update/mlp.out"][1] for r in records] == pytest.approx(expected, rel=1e-4)
     assert [record.step for record in records] == [0, 1, 2]
     assert callback.watch.roles == ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.in", "mlp.out", "norm"]
     assert len(records[-1].blocks["grad/mlp.out"]) == 2
