@@ -216,6 +216,12 @@ def test_lightning_rejects_bad_every():
         StabiliscopeCallback(every=0)
 
 
+@pytest.mark.parametrize("callback_class", [StabiliscopeCallback, StabiliscopeTrainerCallback])
+def test_callbacks_reject_bad_update_every(callback_class):
+    with pytest.raises(ValueError, match=r"multiple of every \(2\), got 3"):
+        callback_class(every=2, update_every=3)
+
+
 # ------------------------------------------------------------- Hugging Face
 
 

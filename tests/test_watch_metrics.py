@@ -158,8 +158,24 @@ def test_update_ratio_of_own_step(update_every, expected, optimizer_first):
 
 @pytest.mark.parametrize("value", [0, -2, 3, 2.0, True, "4"])
 def test_update_every_rejects_bad_values(value):
-    with pytest.raises(ValueError, match=r"update_every must be a positive multiple of every \(2\)"):
-        watch(make_model(), every=2, update_every=value)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    with pytest.raises(ValueError, match=r"a positive integer that is a multiple of every \(2\)"):
+        watch(model, optimizer, every=2, update_every=value)
+    assert not model.blocks[0]._forward_hooks
+
+
+def test_update_every_accepts_numpy_integers():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    w, _ = train_steps(model, optimizer, 5, update_every=np.int64(2))
+    assert w.update_every == 2
+    assert [r.step for r in w.records if "update/mlp.out" in r.blocks] == [0, 2, 4]
+
+
+def test_update_every_needs_optimizer():
+    with pytest.raises(ValueError, match="update_every needs the optimizer"):
+        watch(make_model(), update_every=4)
 
 
 def test_no_update_without_optimizer():

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from stabiliscope.watch import Sink, Watch
+from stabiliscope.watch.core import resolve_update_every
 from stabiliscope.integrations.common import close_watch_and_sinks
 
 try:
@@ -73,6 +74,7 @@ class StabiliscopeTrainerCallback(TrainerCallback):
     def __init__(self, every: int = 1, sinks: Sequence[Sink] = (), **watch_options: Any) -> None:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be a positive integer number of steps, got {every!r}")
+        resolve_update_every(every, watch_options.get("update_every"))  # fail here, not when training starts
         self.every = every
         self.sinks = list(sinks)
         self.watch_options = watch_options

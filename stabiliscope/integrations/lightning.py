@@ -20,6 +20,7 @@ from torch import nn
 
 from stabiliscope.errors import DiscoveryError
 from stabiliscope.watch import Sink, Watch
+from stabiliscope.watch.core import resolve_update_every
 from stabiliscope.integrations.common import close_watch_and_sinks
 
 try:
@@ -85,6 +86,7 @@ class StabiliscopeCallback(pl.Callback):
         super().__init__()
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be a positive integer number of steps, got {every!r}")
+        resolve_update_every(every, watch_options.get("update_every"))  # fail here, not when training starts
         self.every = every
         self.sinks = list(sinks)
         self.name = name
