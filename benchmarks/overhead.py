@@ -451,6 +451,14 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
     return ordered[k - 1], ordered[n - k]
 
 
+MIN_ROUNDS_FOR_INTERVAL = 6
+"""Fewest rounds for which `median_interval` reaches 95 % coverage: for 6, min to max covers 1 - 2/64."""
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def table_rows(variants: list[Variant], seconds_per_step: dict[str, list[float]]) -> list[str]:
     """Format one Markdown table row per variant, with ratios to bare taken round by round."""
     bare = seconds_per_step["bare"]
@@ -589,9 +597,17 @@ def main() -> None:
     print("\n".join(rows))
     print()
     print(
-        f"{args.rounds} rounds of {args.steps_per_round} timed steps per variant, after {args.warmup} untimed "
-        "warm-up steps per variant; variant order rotated each round; ratios taken within each round"
+        f"{plural(args.rounds, 'round')} of {plural(args.steps_per_round, 'timed step')} per variant, after "
+        f"{plural(args.warmup, 'untimed warm-up step')} per variant; variant order rotated each round; "
+        "ratios taken within each round"
     )
+    if args.rounds < MIN_ROUNDS_FOR_INTERVAL:
+        print(
+            f"with fewer than {MIN_ROUNDS_FOR_INTERVAL} rounds the 95 % interval cannot be formed, "
+            "so that column gives the min-max instead"
+        )
+    if args.quick:
+        print("--quick measures tiny models for a smoke run: its ratios are not overhead figures")
     for line in notes + environment_lines():
         print(line)
 
