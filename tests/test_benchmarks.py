@@ -46,7 +46,8 @@ def test_overhead_quick_run_has_every_row() -> None:
     assert "hand-written hooks" in names
     assert rows[0][4] == "95 % interval of the median"
     bare = rows[1]
-    assert bare[3] == "1.000" and bare[4] == "1.000-1.000"
+    assert bare[3] == "1.000"
+    assert bare[4] == "1.000-1.000"
     assert "3 rounds of 1 timed step per variant, after 0 untimed warm-up steps" in result.stdout
     assert "with fewer than 6 rounds the 95 % interval cannot be formed" in result.stdout
     assert "--quick measures tiny models for a smoke run" in result.stdout

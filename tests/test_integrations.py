@@ -134,7 +134,7 @@ def test_lightning_one_record_per_optimizer_step(lightning_run):
 
 def test_lightning_update_ratio_of_each_step(lightning_run):
     # Lightning runs forward and backward in a closure inside optimizer.step(),
-    # so the watch sees the optimizer step begin before step() is called.
+    # so the optimizer step begins before step() is called.
     weights = lightning_run.module.weights_before_step + [lightning_run.module.model.blocks[1].mlp.fc_out.weight]
     expected = [((after - before).norm() / before.norm()).item() for before, after in zip(weights, weights[1:])]
     recorded = [record.blocks["update/mlp.out"][1] for record in lightning_run.callback.watch.records]

@@ -66,9 +66,9 @@ class Watch:
     step, or of every `update_every`-th step when that is set (a multiple of
     `every`). A record with update ratios is emitted after its optimizer step.
     Update ratios are the watch's largest cost because they copy every weight
-    before the optimizer step: about 11 ms of a 0.5 s step of a 9.6 M
-    parameter model on 2 CPU cores (benchmarks/watch_phases.py). On the
-    steps it skips, `update_every` saves that cost.
+    before the optimizer step. They take about 11 ms of a 0.5 s step of a
+    9.6 M parameter model on 2 CPU cores (benchmarks/watch_phases.py), and
+    `update_every` saves that cost on the steps it skips.
 
     Records stay in `records` (unless `keep_records=False`) and go to each
     sink in `sinks` at every flush. `log_dir` adds a TensorBoard sink writing
