@@ -211,7 +211,7 @@ def stabiliscope_variant(run: LanguageModelRun | MLPRun, label: str, every: int,
 
 
 def control_variant(run: LanguageModelRun | MLPRun, label: str) -> Variant:
-    """A second bare copy: its ratio to bare shows how finely the measurement can resolve a ratio."""
+    """Return a second bare copy, whose ratio to bare shows how finely the measurement resolves a ratio."""
     return Variant("bare, second copy", label, "nothing (measurement control)", run.step)
 
 
@@ -452,7 +452,10 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
 
 
 MIN_ROUNDS_FOR_INTERVAL = 6
-"""Fewest rounds for which `median_interval` reaches 95 % coverage: for 6, min to max covers 1 - 2/64."""
+"""Fewest rounds for which `median_interval` reaches 95 % coverage.
+
+With 6 rounds, the interval from the smallest to the largest ratio covers 1 - 2/64 = 96.9 %.
+"""
 
 
 def plural(count: int, noun: str) -> str:

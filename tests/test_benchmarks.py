@@ -62,6 +62,6 @@ def test_median_interval_order_statistics() -> None:
     # For 20 values, P(Binomial(20, 1/2) <= 5) = 0.0207 and P(<= 6) = 0.0577,
     # so the 95 % interval runs from the 6th smallest to the 6th largest.
     assert median_interval([float(v) for v in range(20, 0, -1)]) == (6.0, 15.0)
-    # For 9 values, P(<= 1) = 0.0195 and P(<= 2) = 0.0898: the 2nd smallest to the 2nd largest.
+    # For 9 values, P(<= 1) = 0.0195 and P(<= 2) = 0.0898, so it runs from the 2nd smallest to the 2nd largest.
     assert median_interval([float(v) for v in range(1, 10)]) == (2.0, 8.0)
     assert median_interval([3.0, 1.0]) == (1.0, 3.0)

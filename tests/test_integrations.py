@@ -238,7 +238,7 @@ def tiny_llama() -> nn.Module:
 
 
 class WeightLog(transformers.TrainerCallback):
-    """Keeps a copy of one weight before each optimizer step."""
+    """Trainer callback that copies one weight before each optimizer step."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight

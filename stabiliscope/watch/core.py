@@ -515,7 +515,7 @@ class Watch:
         # does the forward and backward passes and calls step() (Lightning).
         target = self._step - 1 if self._step_closed else self._step
         self._step_closed = False
-        if target < 0 or not self._takes_update(target):
+        if not self._takes_update(target):
             return
         with torch.no_grad():
             if self._weight_copies is None:
